@@ -1,0 +1,71 @@
+"""dcplan: pluggable save and load planning for torch.distributed.checkpoint.
+
+Use it as torch's planners::
+
+    import torch.distributed.checkpoint as dcp
+    import dcplan
+
+    dcp.save(state_dict, checkpoint_id=path, planner=dcplan.SavePlanner())
+    dcp.load(state_dict, checkpoint_id=path, planner=dcplan.LoadPlanner())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dcplan.config import Config, resolve_config
+from dcplan.errors import (
+    ConfigError,
+    DcplanError,
+    MissingKeysError,
+    PlanMismatchError,
+    PlanValidationError,
+    PluginError,
+    UnknownStrategyError,
+)
+from dcplan.load_planner import LoadPlanner
+from dcplan.manager import get_plugin_manager, hookimpl
+from dcplan.save_planner import SavePlanner
+from dcplan.types import PluginInfo, Strategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed.checkpoint.planner import SavePlan
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DcplanError",
+    "LoadPlanner",
+    "MissingKeysError",
+    "PlanMismatchError",
+    "PlanValidationError",
+    "PluginError",
+    "PluginInfo",
+    "SavePlanner",
+    "Strategy",
+    "UnknownStrategyError",
+    "dedup",
+    "get_plugin_manager",
+    "hookimpl",
+    "resolve_config",
+]
+
+try:
+    from importlib.metadata import version as _v
+
+    __version__ = _v("dcplan")
+except Exception:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+
+def dedup(all_plans: Sequence[SavePlan], strategy: str = "size_balanced", **options: Any) -> list[SavePlan]:
+    """Run a registered dedup strategy on local plans, without processes.
+
+    :param all_plans: one local ``SavePlan`` per rank, in rank order. Not mutated.
+    :param strategy: a registered strategy name (``dcplan plugins`` lists them).
+    :param options: the strategy's options (unknown names are an error).
+    :returns: new plans, one per rank, each item written by one of its holders.
+    """
+    strat = get_plugin_manager().get_strategy(strategy)
+    return list(strat.func(list(all_plans), **strat.resolve_options(options)))

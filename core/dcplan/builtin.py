@@ -1,0 +1,102 @@
+"""dcplan's built-in behaviour, registered as a plugin through the same hooks.
+
+It is registered before every entry-point plugin and marked ``trylast`` so that
+a third-party implementation of a ``firstresult`` hook always runs first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dcplan import compat, planning
+from dcplan.manager import hookimpl
+from dcplan.types import Strategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dcplan.compat import LoadPlan, Metadata, SavePlan
+
+
+def _torch_strategy(all_plans: Sequence[SavePlan], save_to_lowest_rank: bool = False) -> list[SavePlan]:
+    return compat.torch_dedup_save_plans(all_plans, save_to_lowest_rank=save_to_lowest_rank)
+
+
+@hookimpl(trylast=True)
+def dcplan_register_strategies() -> list[Strategy]:
+    return [
+        Strategy(
+            name="torch",
+            func=_torch_strategy,
+            description="torch's own dedup_save_plans, unchanged (the baseline)",
+            options={"save_to_lowest_rank": False},
+        )
+    ]
+
+
+@hookimpl(trylast=True)
+def dcplan_create_local_save_plan(planner: Any, state_dict: dict[str, Any], is_coordinator: bool) -> SavePlan:
+    return planning.create_local_save_plan(state_dict)
+
+
+@hookimpl(trylast=True)
+def dcplan_dedup(all_plans: Sequence[SavePlan], strategy: Strategy, options: dict[str, Any], config: Any) -> list[SavePlan]:
+    return list(strategy.func(list(all_plans), **options))
+
+
+@hookimpl(trylast=True)
+def dcplan_create_save_metadata(all_plans: Sequence[SavePlan], config: Any) -> tuple[list[SavePlan], Metadata]:
+    global_plan, metadata, errors = planning.build_global_plan(all_plans)
+    if errors:
+        from dcplan.errors import PlanValidationError
+
+        raise PlanValidationError(errors)
+    return global_plan, metadata
+
+
+@hookimpl(trylast=True)
+def dcplan_validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metadata) -> list[str]:
+    return planning.validate_global_plan(global_plan, metadata)
+
+
+@hookimpl(trylast=True)
+def dcplan_finish_save_plan(planner: Any, central_plan: SavePlan, cache: Any) -> SavePlan:
+    if cache is not None:
+        return cache.finish(planner, central_plan)
+    return central_plan
+
+
+@hookimpl(trylast=True)
+def dcplan_missing_keys_policy(planner: Any, missing: Sequence[str], config: Any) -> str:
+    return "error"
+
+
+@hookimpl(trylast=True)
+def dcplan_create_local_load_plan(planner: Any, state_dict: dict[str, Any], metadata: Metadata) -> LoadPlan:
+    skip = getattr(planner, "skip_keys", set())
+    requests = []
+    mismatches = []
+    for fqn, obj in state_dict.items():
+        if fqn in skip:
+            continue
+        md = metadata.state_dict_metadata[fqn]
+        if isinstance(md, compat.TensorStorageMetadata):
+            size = getattr(obj, "size", None)
+            if callable(size) and tuple(md.size) != tuple(size()):
+                mismatches.append(f"{fqn}: checkpoint {tuple(md.size)} vs state dict {tuple(size())}")
+                continue
+        if not compat.dtensor_on_this_rank(obj):
+            continue
+        requests += compat.create_read_items(fqn, md, obj)
+    if mismatches:
+        raise ValueError(
+            f"size mismatch between the checkpoint and the state dict for {len(mismatches)} key(s): "
+            + "; ".join(mismatches)
+            + ". Resize the model to match, or allow skipping these keys "
+            "(dcplan-partial-load with skip_mismatch_keys)"
+        )
+    return compat.LoadPlan(requests)
+
+
+@hookimpl(trylast=True)
+def dcplan_create_global_load_plan(planner: Any, all_plans: Sequence[LoadPlan]) -> list[LoadPlan]:
+    return list(all_plans)

@@ -1,0 +1,252 @@
+"""Everything that differs between torch 2.4 and 2.15, in one place.
+
+Rule: detect features (``hasattr``, dataclass fields, signatures), never compare
+version strings. The rest of dcplan imports torch internals only from here.
+See ``docs/compatibility.md`` for the list of differences handled.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import default_planner as _dp
+from torch.distributed.checkpoint import planner_helpers as _ph
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+from torch.distributed.checkpoint._sharded_tensor_utils import _flatten_sharded_tensors
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.utils import find_state_dict_object
+
+__all__ = [
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "DTensor",
+    "LoadPlan",
+    "Metadata",
+    "MetadataIndex",
+    "ReadItem",
+    "SavePlan",
+    "TensorProperties",
+    "TensorStorageMetadata",
+    "TensorWriteData",
+    "WriteItem",
+    "WriteItemType",
+    "HAS_USABLE",
+    "HAS_BYTES_IO_DATA",
+    "HAS_METADATA_VERSION",
+    "HAS_STORAGE_META",
+    "HAS_DERIVED_VERSION",
+    "HAS_STRIDES",
+    "flatten_state_dict",
+    "unflatten_state_dict",
+    "flatten_sharded_tensors",
+    "set_element",
+    "find_state_dict_object",
+    "narrow_tensor_by_index",
+]
+
+# -- DTensor: torch.distributed.tensor from 2.5, torch.distributed._tensor before.
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch 2.4
+    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+#: ``SavePlan.usable`` (2.7+).
+HAS_USABLE = "usable" in _fields(SavePlan)
+#: ``WriteItem.bytes_io_data`` and ``BytesIOWriteData`` (2.8+).
+HAS_BYTES_IO_DATA = "bytes_io_data" in _fields(WriteItem)
+#: ``Metadata.version`` (2.9+).
+HAS_METADATA_VERSION = "version" in _fields(Metadata)
+#: ``Metadata.storage_meta`` (2.4+).
+HAS_STORAGE_META = "storage_meta" in _fields(Metadata)
+#: ``TensorProperties.strides`` (2.15+): such ``.metadata`` files do not load on <= 2.14.
+HAS_STRIDES = "strides" in _fields(TensorProperties)
+
+try:
+    from torch.distributed.checkpoint import _version as _version_mod
+except ImportError:  # pragma: no cover - torch 2.4
+    _version_mod = None  # type: ignore[assignment]
+#: ``checkpoint._version._derived_version`` switch for 2.3-format keys (2.5+).
+HAS_DERIVED_VERSION = _version_mod is not None and hasattr(_version_mod, "_derived_version")
+
+flatten_sharded_tensors = _flatten_sharded_tensors
+
+
+# ---------------------------------------------------------------- plans
+def plan_usable(plan: SavePlan) -> bool:
+    """``plan.usable`` where it exists; plans are always usable before 2.7."""
+    return bool(getattr(plan, "usable", True))
+
+
+def replace_plan(plan: SavePlan, **changes: Any) -> SavePlan:
+    """``dataclasses.replace`` that drops fields this torch does not have."""
+    names = _fields(type(plan))
+    return dataclasses.replace(plan, **{k: v for k, v in changes.items() if k in names})
+
+
+def make_write_item(
+    index: MetadataIndex,
+    type: WriteItemType,
+    tensor_data: TensorWriteData | None = None,
+    nbytes: int | None = None,
+) -> WriteItem:
+    """Build a ``WriteItem`` with keywords only (``bytes_io_data`` moved fields in 2.8)."""
+    kwargs: dict[str, Any] = {"index": index, "type": type, "tensor_data": tensor_data}
+    if nbytes is not None and HAS_BYTES_IO_DATA:
+        from torch.distributed.checkpoint.planner import BytesIOWriteData
+
+        kwargs["bytes_io_data"] = BytesIOWriteData(nbytes=nbytes)
+    return WriteItem(**kwargs)
+
+
+def bytes_item_size(item: WriteItem) -> int | None:
+    """The serialized size recorded on a BYTE_IO item (2.8+), else ``None``."""
+    data = getattr(item, "bytes_io_data", None)
+    return getattr(data, "nbytes", None) if data is not None else None
+
+
+def with_bytes_size(item: WriteItem, nbytes: int) -> WriteItem:
+    if not HAS_BYTES_IO_DATA:
+        return item
+    from torch.distributed.checkpoint.planner import BytesIOWriteData
+
+    return dataclasses.replace(item, bytes_io_data=BytesIOWriteData(nbytes=nbytes))
+
+
+def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:
+    """torch's own per-object write items (tensor, DTensor, ShardedTensor, bytes)."""
+    return list(_ph._create_write_items(fqn, obj))
+
+
+def create_read_items(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
+    return list(_ph._create_read_items(fqn, md, obj))
+
+
+def dtensor_on_this_rank(obj: Any) -> bool:
+    """False for a DTensor whose (sub-)mesh does not include this rank."""
+    if isinstance(obj, DTensor):
+        return obj.device_mesh.get_coordinate() is not None
+    return True
+
+
+def init_state_dict(state_dict: dict[str, Any]) -> None:
+    """Materialise meta tensors like torch's loader does (``_init_state_dict``, 2.3+)."""
+    fn = getattr(_ph, "_init_state_dict", None)
+    if fn is not None:
+        fn(state_dict)
+
+
+def tensor_properties_from(tensor: torch.Tensor) -> TensorProperties:
+    return TensorProperties.create_from_tensor(tensor)
+
+
+# ---------------------------------------------------------------- torch baselines
+def torch_dedup_save_plans(all_plans: Sequence[SavePlan], save_to_lowest_rank: bool = False) -> list[SavePlan]:
+    """torch's ``dedup_save_plans`` without its 2.3-2.7 habit of mutating the input."""
+    from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
+
+    plans = list(all_plans)  # 2.3-2.7 assign into the list they are given
+    if "save_to_lowest_rank" in inspect.signature(dedup_save_plans).parameters:
+        return list(dedup_save_plans(plans, save_to_lowest_rank))
+    if save_to_lowest_rank:  # pragma: no cover - torch 2.3
+        raise NotImplementedError("this torch has no save_to_lowest_rank")
+    return list(dedup_save_plans(plans))
+
+
+def torch_default_save_planner(**kwargs: Any) -> Any:
+    """``DefaultSavePlanner`` with the keyword arguments this torch accepts."""
+    params = inspect.signature(_dp.DefaultSavePlanner.__init__).parameters
+    return _dp.DefaultSavePlanner(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def torch_default_load_planner(**kwargs: Any) -> Any:
+    params = inspect.signature(_dp.DefaultLoadPlanner.__init__).parameters
+    return _dp.DefaultLoadPlanner(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def torch_validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metadata) -> list[str]:
+    """torch's ``_validate_global_plan`` normalised to a list of errors.
+
+    Up to 2.11 it returns a bool (``True`` = valid); from 2.12 a list of messages.
+    """
+    result = _dp._validate_global_plan(list(global_plan), metadata)
+    if isinstance(result, bool):
+        return [] if result else ["torch: invalid global plan"]
+    return list(result)
+
+
+def torch_create_global_plan(planner: Any, all_plans: Sequence[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+    """Run torch's coordinator step on a copy of ``all_plans`` (benchmarks)."""
+    plans = copy.copy(list(all_plans))
+    return planner.create_global_plan(plans)
+
+
+# ---------------------------------------------------------------- metadata
+def metadata_version(md: Metadata) -> str | None:
+    return getattr(md, "version", None)
+
+
+def metadata_storage_meta(md: Metadata) -> Any:
+    return getattr(md, "storage_meta", None)
+
+
+def old_format_flatten(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Flatten with torch 2.3's key rules (for 2.3-era checkpoints), if this torch can.
+
+    Returns ``None`` on torch 2.4, which has no such fallback.
+    """
+    if not HAS_DERIVED_VERSION:
+        return None
+    prev = _version_mod._derived_version  # type: ignore[union-attr]
+    _version_mod._derived_version = "2_3"  # type: ignore[union-attr]
+    try:
+        return flatten_state_dict(state_dict)
+    finally:
+        _version_mod._derived_version = prev  # type: ignore[union-attr]
+
+
+def import_object(path: str) -> Any:
+    """Import ``"package.module.Qualname"``."""
+    module, _, qual = path.rpartition(".")
+    while module:
+        try:
+            obj: Any = importlib.import_module(module)
+        except ImportError:
+            module, _, head = module.rpartition(".")
+            qual = f"{head}.{qual}"
+            continue
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(f"cannot import {path!r}")
+
+
+DefaultSavePlanner = _dp.DefaultSavePlanner
+DefaultLoadPlanner = _dp.DefaultLoadPlanner

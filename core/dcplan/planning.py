@@ -1,0 +1,282 @@
+"""Pure planning logic: plans in, plans out. No process group needed.
+
+These functions back dcplan's built-in hook implementations and are public so
+that plugin authors and benchmarks can reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from bisect import bisect_right, insort
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dcplan import compat
+from dcplan.compat import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    SavePlan,
+    TensorStorageMetadata,
+    WriteItem,
+    WriteItemType,
+)
+
+__all__ = [
+    "create_local_save_plan",
+    "build_global_plan",
+    "validate_global_plan",
+    "item_nbytes",
+    "item_key",
+    "chunk_of",
+]
+
+
+def item_key(item: WriteItem) -> tuple[str, tuple[int, ...]]:
+    """The identity DCP uses for an item: fqn and chunk offset (``MetadataIndex`` equality)."""
+    return (item.index.fqn, tuple(item.index.offset or ()))
+
+
+def chunk_of(item: WriteItem) -> ChunkStorageMetadata | None:
+    td = item.tensor_data
+    return td.chunk if td is not None else None
+
+
+def item_nbytes(item: WriteItem) -> int:
+    """Bytes this item actually writes: chunk numel x element size.
+
+    Non-tensor items weigh their serialized size when the local plan recorded it
+    (``bytes_io_data.nbytes``, torch 2.8+), else 1.
+    """
+    td = item.tensor_data
+    if td is None:
+        n = compat.bytes_item_size(item)
+        return int(n) if n else 1
+    sizes = td.chunk.sizes if td.chunk is not None else td.size
+    dtype = td.properties.dtype
+    return int(math.prod(sizes)) * torch.empty((), dtype=dtype).element_size()
+
+
+def _serialized_size(obj: Any) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def create_local_save_plan(state_dict: dict[str, Any], *, measure_bytes: bool = True) -> SavePlan:
+    """This rank's local plan: every tensor, shard and object it holds.
+
+    Unlike torch 2.4-2.15's default it skips DTensors whose mesh excludes this
+    rank on every version, and records non-tensor sizes (2.8+) so balancing can
+    weigh them.
+    """
+    items: list[WriteItem] = []
+    for fqn, obj in state_dict.items():
+        if not compat.dtensor_on_this_rank(obj):
+            continue
+        for item in compat.create_write_items(fqn, obj):
+            if measure_bytes and item.type == WriteItemType.BYTE_IO and compat.HAS_BYTES_IO_DATA:
+                item = compat.with_bytes_size(item, _serialized_size(obj))
+            items.append(item)
+    return SavePlan(items)
+
+
+class GlobalPlanError(ValueError):
+    pass
+
+
+def build_global_plan(
+    all_plans: Sequence[SavePlan], *, merge_planner_data: bool = True
+) -> tuple[list[SavePlan], Metadata, list[str]]:
+    """Build the metadata from deduped plans and rewrite index hints.
+
+    :returns: ``(global_plan, metadata, errors)``. ``errors`` lists items written
+        twice and tensors whose ranks disagree on dtype or global size; the
+        caller refuses to save when it is non-empty.
+    """
+    md: dict[str, Any] = {}
+    owner: dict[str, int] = {}
+    errors: list[str] = []
+    seen_chunks: set[tuple[str, tuple[int, ...]]] = set()
+    new_plans: list[SavePlan] = []
+    for rank, plan in enumerate(all_plans):
+        new_items: list[WriteItem] = []
+        for item in plan.items:
+            fqn = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                if fqn in md:
+                    errors.append(
+                        f"key:{fqn} is written by rank {owner[fqn]} and rank {rank} "
+                        "(the dedup strategy must give each item to exactly one rank)"
+                    )
+                    continue
+                md[fqn] = BytesStorageMetadata()
+                owner[fqn] = rank
+                new_items.append(item)
+                continue
+            td = item.tensor_data
+            if td is None or td.chunk is None:
+                errors.append(f"key:{fqn} has a tensor item without chunk bounds (rank {rank})")
+                continue
+            existing = md.get(fqn)
+            if existing is None:
+                existing = TensorStorageMetadata(properties=td.properties, size=td.size, chunks=[])
+                md[fqn] = existing
+                owner[fqn] = rank
+            elif isinstance(existing, BytesStorageMetadata):
+                errors.append(f"key:{fqn} is a tensor on rank {rank} but an object on rank {owner[fqn]}")
+                continue
+            else:
+                if existing.properties.dtype != td.properties.dtype:
+                    errors.append(
+                        f"key:{fqn} has dtype {existing.properties.dtype} on rank {owner[fqn]} "
+                        f"but {td.properties.dtype} on rank {rank}"
+                    )
+                if tuple(existing.size) != tuple(td.size):
+                    errors.append(
+                        f"key:{fqn} has global size {tuple(existing.size)} on rank {owner[fqn]} "
+                        f"but {tuple(td.size)} on rank {rank}"
+                    )
+                if item.type != WriteItemType.SHARD:
+                    errors.append(
+                        f"key:{fqn} is written by rank {owner[fqn]} and rank {rank} "
+                        "(the dedup strategy must give each item to exactly one rank)"
+                    )
+                    continue
+            ck = (fqn, tuple(td.chunk.offsets))
+            if ck in seen_chunks:
+                errors.append(
+                    f"key:{fqn} chunk at offset {tuple(td.chunk.offsets)} is written twice "
+                    f"(again by rank {rank})"
+                )
+                continue
+            seen_chunks.add(ck)
+            new_index = dataclasses.replace(item.index, index=len(existing.chunks))
+            new_items.append(dataclasses.replace(item, index=new_index))
+            existing.chunks.append(td.chunk)
+        new_plans.append(compat.replace_plan(plan, items=new_items))
+
+    metadata = Metadata(state_dict_metadata=md)
+    if merge_planner_data:
+        merged: dict[str, Any] = {}
+        for plan in new_plans:
+            if isinstance(plan.planner_data, dict):
+                merged.update(plan.planner_data)
+        metadata = dataclasses.replace(metadata, planner_data=merged)
+    return new_plans, metadata, errors
+
+
+# ---------------------------------------------------------------- validation
+def _sweep_dim(chunks: Sequence[ChunkStorageMetadata], size: Sequence[int]) -> int:
+    """The dimension along which chunk offsets vary most (ties: larger dim)."""
+    best, best_key = 0, (-1, -1)
+    for d in range(len(size)):
+        distinct = len({c.offsets[d] for c in chunks})
+        key = (distinct, size[d])
+        if key > best_key:
+            best, best_key = d, key
+    return best
+
+
+def _overlap(a: ChunkStorageMetadata, b: ChunkStorageMetadata) -> bool:
+    for d in range(len(a.offsets)):
+        if a.offsets[d] >= b.offsets[d] + b.sizes[d] or b.offsets[d] >= a.offsets[d] + a.sizes[d]:
+            return False
+    return True
+
+
+def _has_volume(c: ChunkStorageMetadata) -> bool:
+    return all(s > 0 for s in c.sizes)
+
+
+def _overlaps(key: str, chunks: Sequence[ChunkStorageMetadata], size: Sequence[int]) -> list[str]:
+    """Overlapping pairs, O(n log n) for grid layouts (any sharded dims).
+
+    1. Grid test: when every chunk spans exactly one cell of the grid formed by
+       all chunk boundaries, chunks overlap iff two share a cell (a dict lookup).
+    2. Otherwise a sweep line along the dimension whose offsets vary most, so a
+       split along a non-largest dimension (``Shard(1)``) stays near-linear.
+    """
+    chunks = [c for c in chunks if _has_volume(c)]
+    if len(chunks) < 2:
+        return []
+    dims = len(size)
+    bounds = []
+    for d in range(dims):
+        pts = sorted({c.offsets[d] for c in chunks} | {c.offsets[d] + c.sizes[d] for c in chunks})
+        bounds.append({p: i for i, p in enumerate(pts)})
+    grid = True
+    cells: dict[tuple[int, ...], ChunkStorageMetadata] = {}
+    errors: list[str] = []
+    for c in chunks:
+        cell = []
+        for d in range(dims):
+            lo, hi = bounds[d][c.offsets[d]], bounds[d][c.offsets[d] + c.sizes[d]]
+            if hi != lo + 1:
+                grid = False
+                break
+            cell.append(lo)
+        if not grid:
+            break
+        t = tuple(cell)
+        if t in cells:
+            errors.append(f"key:{key} has overlapping chunks: {c} {cells[t]}")
+        else:
+            cells[t] = c
+    if grid:
+        return errors
+
+    sd = _sweep_dim(chunks, size)
+    order = sorted(range(len(chunks)), key=lambda i: (chunks[i].offsets[sd], tuple(chunks[i].offsets)))
+    active: list[tuple[int, int]] = []
+    errors = []
+    for idx in order:
+        cur = chunks[idx]
+        start = cur.offsets[sd]
+        cut = bisect_right(active, (start, -1))
+        if cut:
+            del active[:cut]
+        for _, other in active:
+            if _overlap(cur, chunks[other]):
+                errors.append(f"key:{key} has overlapping chunks: {cur} {chunks[other]}")
+        insort(active, (start + cur.sizes[sd], idx))
+    return errors
+
+
+def validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metadata) -> list[str]:
+    """Bounds, overlap and coverage of every tensor's chunks; returns errors.
+
+    The coverage (volume) check is skipped for a single-plan global plan, as
+    torch does for rank-local saves.
+    """
+    errors: list[str] = []
+    for key, value in metadata.state_dict_metadata.items():
+        if isinstance(value, BytesStorageMetadata):
+            continue
+        size = tuple(value.size)
+        if len(size) == 0:
+            continue
+        volume = 0
+        bad = False
+        for c in value.chunks:
+            if len(c.offsets) != len(size) or len(c.sizes) != len(size):
+                errors.append(f"key:{key} chunk {c} has the wrong rank for tensor-size {size}")
+                bad = True
+                continue
+            if any(o < 0 for o in c.offsets) or any(s < 0 for s in c.sizes) or any(
+                o + s > n for o, s, n in zip(c.offsets, c.sizes, size)
+            ):
+                errors.append(f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {c}")
+                bad = True
+            volume += math.prod(c.sizes)
+        if bad:
+            continue
+        errors.extend(_overlaps(key, value.chunks, size))
+        total = math.prod(size)
+        if len(global_plan) > 1 and volume != total:
+            errors.append(f"key:{key} invalid fill tensor-volume: {total} chunks-volume: {volume}")
+    return errors

@@ -1,0 +1,259 @@
+"""``dcplan.SavePlanner``: a drop-in for torch's ``DefaultSavePlanner``.
+
+It speaks torch's planner protocol (``set_up_planner`` / ``create_local_plan`` /
+``create_global_plan`` / ``finish_plan`` / ``resolve_data``) and runs each step
+through dcplan's hooks, so strategies come from plugins picked by config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from dcplan import compat
+from dcplan.compat import MetadataIndex, SavePlan, WriteItem, WriteItemType
+from dcplan.config import Config, resolve_config
+from dcplan.errors import PlanMismatchError, PlanValidationError
+from dcplan.manager import DcplanPluginManager, get_plugin_manager
+
+__all__ = ["SavePlanner", "RankPayload"]
+
+log = logging.getLogger("dcplan")
+
+
+@attrs.frozen
+class RankPayload:
+    """What a rank sends to the coordinator in ``SavePlan.planner_data``.
+
+    ``mapping`` is torch's flattening mapping (it ends up merged in the
+    checkpoint's ``Metadata.planner_data``); ``agreement`` is what every rank must
+    share (strategy, options, plugins); ``cache`` is the plan cache's message.
+    """
+
+    mapping: Any
+    agreement: tuple[Any, ...]
+    cache: Any = None
+
+
+class SavePlanner(compat.DefaultSavePlanner):  # type: ignore[misc]
+    """Drop-in ``SavePlanner`` whose dedup strategy comes from config and plugins.
+
+    :param config: a :class:`dcplan.Config` (used as is) or ``None`` to read
+        ``DCPLAN_*`` env vars, ``dcplan.toml`` and ``[tool.dcplan]``.
+    :param flatten_state_dict: flatten nested dicts (as torch's default does).
+    :param flatten_sharded_tensors: flatten nested ShardedTensors (2-D FSDP).
+    :param plugin_manager: a specific plugin manager (tests); default: the
+        process-wide one.
+    :param overrides: any :class:`Config` key, e.g. ``strategy="lowest_rank"``.
+    """
+
+    def __init__(
+        self,
+        config: Config | Mapping[str, Any] | None = None,
+        *,
+        flatten_state_dict: bool = True,
+        flatten_sharded_tensors: bool = True,
+        plugin_manager: DcplanPluginManager | None = None,
+        **overrides: Any,
+    ) -> None:
+        compat.DefaultSavePlanner.__init__(
+            self, flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=flatten_sharded_tensors
+        )
+        self.config, self.config_sources = resolve_config(config, overrides)
+        self._pm = plugin_manager
+        self.strategy = self.plugin_manager.get_strategy(self.config.strategy)
+        self.strategy_options = self.strategy.resolve_options(self.config.strategy_options)
+        self.report: Any = None
+        self.timings: dict[str, float] = {}
+        self.mappings: dict[str, Any] = {}
+        self._local_chunks: dict[str, list[tuple[Any, MetadataIndex]]] = {}
+        self.cache: Any = None
+        if self.config.plan_cache:
+            from dcplan.cache import PlanCache
+
+            self.cache = PlanCache.for_config(self.config)
+
+    # -- pickling (async_save with a process checkpointer) ---------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pm"] = None
+        return state
+
+    @property
+    def plugin_manager(self) -> DcplanPluginManager:
+        if self._pm is None:
+            self._pm = get_plugin_manager()
+        return self._pm
+
+    @property
+    def hook(self) -> Any:
+        return self.plugin_manager.hook
+
+    def agreement(self) -> tuple[Any, ...]:
+        """What all ranks must share; compared by the coordinator."""
+        return (
+            self.strategy.name,
+            repr(sorted(self.strategy_options.items())),
+            self.plugin_manager.fingerprint(),
+            self.config.plan_cache,
+            self.config.validate,
+        )
+
+    # -- protocol --------------------------------------------------------
+    def set_up_planner(
+        self, state_dict: dict[str, Any], storage_meta: Any = None, is_coordinator: bool = False
+    ) -> None:
+        if isinstance(storage_meta, bool):  # (state_dict, is_coordinator) callers
+            storage_meta, is_coordinator = None, storage_meta
+        self.original_state_dict = state_dict
+        if self.flatten_state_dict:
+            state_dict, self.mappings = compat.flatten_state_dict(state_dict)
+        else:
+            self.mappings = {}
+        if self.flatten_sharded_tensors:
+            state_dict = compat.flatten_sharded_tensors(state_dict)
+        self.state_dict = state_dict
+        self.storage_meta = storage_meta
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        t0 = time.perf_counter()
+        plan = self.hook.dcplan_create_local_save_plan(
+            planner=self, state_dict=self.state_dict, is_coordinator=self.is_coordinator
+        )
+        mapping = self.mappings if self.flatten_state_dict else None
+        plan = compat.replace_plan(plan, planner_data=mapping)
+        self._local_chunks = {}
+        for item in plan.items:
+            if item.tensor_data is not None and item.tensor_data.chunk is not None:
+                self._local_chunks.setdefault(item.index.fqn, []).append((item.tensor_data.chunk, item.index))
+        self.plan = plan
+        cache_msg = None
+        if self.cache is not None:
+            plan, cache_msg = self.cache.local_step(self, plan)
+        payload = RankPayload(mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg)
+        self.timings["local"] = time.perf_counter() - t0
+        return compat.replace_plan(plan, planner_data=payload)
+
+    def _check_agreement(self, payloads: list[RankPayload]) -> None:
+        first = payloads[0].agreement
+        bad = [r for r, p in enumerate(payloads) if p.agreement != first]
+        if not bad:
+            return
+        lines = []
+        for r, p in enumerate(payloads):
+            if r == 0 or r in bad:
+                strategy, options, plugins, cache, validate = p.agreement
+                plugs = ", ".join(f"{n}=={v}" if v else n for n, v in plugins)
+                lines.append(
+                    f"rank {r}: strategy={strategy} options={options} plan_cache={cache} "
+                    f"validate={validate} plugins=[{plugs}]"
+                )
+        raise PlanMismatchError(
+            "dcplan: ranks disagree on the save strategy or plugin set, nothing was written. "
+            "Make config (DCPLAN_* env, dcplan.toml, pyproject.toml) and installed dcplan "
+            "plugins identical on every node. " + " | ".join(lines)
+        )
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
+        t0 = time.perf_counter()
+        payloads = []
+        for r, p in enumerate(all_plans):
+            if not isinstance(p.planner_data, RankPayload):
+                raise PlanMismatchError(
+                    f"dcplan: rank {r} did not use dcplan.SavePlanner; every rank must use the "
+                    "same planner class"
+                )
+            payloads.append(p.planner_data)
+        self._check_agreement(payloads)
+        if self.cache is not None:
+            cached = self.cache.global_step(self, all_plans, payloads)
+            if cached is not None:
+                delta, self.global_plan, self.metadata = cached
+                self.timings["global"] = time.perf_counter() - t0
+                return delta, self.metadata
+            local_plans = self.cache.full_local_plans(self, all_plans, payloads)
+        else:
+            local_plans = [
+                compat.replace_plan(p, planner_data=pl.mapping) for p, pl in zip(all_plans, payloads)
+            ]
+        global_plan, metadata = self.plan_global(local_plans)
+        if self.cache is not None:
+            delta = self.cache.commit_global(self, local_plans, global_plan, metadata)
+        else:
+            delta = global_plan
+        self.global_plan = global_plan
+        self.metadata = metadata
+        self.timings["global"] = time.perf_counter() - t0
+        return delta, metadata
+
+    def plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
+        """Dedup, metadata, validation and report on full local plans (no caching)."""
+        deduped = self.hook.dcplan_dedup(
+            all_plans=local_plans, strategy=self.strategy, options=self.strategy_options, config=self.config
+        )
+        if deduped is None or len(deduped) != len(local_plans):
+            raise PlanValidationError(
+                [
+                    f"strategy {self.strategy.name!r} returned "
+                    f"{'nothing' if deduped is None else len(deduped)} plans for {len(local_plans)} ranks"
+                ]
+            )
+        global_plan, metadata = self.hook.dcplan_create_save_metadata(all_plans=deduped, config=self.config)
+        if not self.flatten_state_dict:
+            metadata = dataclasses.replace(metadata, planner_data=None)
+        if self.config.validate:
+            errors = [e for errs in self.hook.dcplan_validate_global_plan(global_plan=global_plan, metadata=metadata) for e in errs]
+            if errors:
+                raise PlanValidationError(errors)
+        from dcplan.report import build_report
+
+        self.report = build_report(local_plans, global_plan, self.strategy.name)
+        if self.config.report:
+            log.info(self.report.summary())
+        self.hook.dcplan_plan_report(report=self.report, config=self.config)
+        # ranks do not need the mappings back
+        global_plan = [compat.replace_plan(p, planner_data=None) for p in global_plan]
+        return global_plan, metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = self.hook.dcplan_finish_save_plan(planner=self, central_plan=new_plan, cache=self.cache)
+        self.plan = plan
+        return plan
+
+    # -- data ------------------------------------------------------------
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            obj = compat.find_state_dict_object(self.state_dict, write_item.index)
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            return buf
+        chunk = write_item.tensor_data.chunk if write_item.tensor_data is not None else None
+        base = self._containing_chunk(write_item.index.fqn, chunk)
+        if base is None:
+            return self.transform_object(write_item, self.lookup_object(write_item.index))
+        local_chunk, local_index = base
+        tensor = compat.find_state_dict_object(self.state_dict, local_index)
+        if tuple(local_chunk.offsets) == tuple(chunk.offsets) and tuple(local_chunk.sizes) == tuple(chunk.sizes):
+            return tensor
+        offsets = [o - lo for o, lo in zip(chunk.offsets, local_chunk.offsets)]
+        part = compat.narrow_tensor_by_index(tensor, offsets, chunk.sizes)
+        return part.clone()
+
+    def _containing_chunk(self, fqn: str, chunk: Any) -> tuple[Any, MetadataIndex] | None:
+        if chunk is None:
+            return None
+        for local_chunk, index in self._local_chunks.get(fqn, ()):
+            if all(
+                lo <= o and o + s <= lo + ls
+                for o, s, lo, ls in zip(chunk.offsets, chunk.sizes, local_chunk.offsets, local_chunk.sizes)
+            ):
+                return local_chunk, index
+        return None

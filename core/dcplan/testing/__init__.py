@@ -1,0 +1,1 @@
+"""Test helpers shipped with dcplan (the plugin authors' kit lives here too)."""

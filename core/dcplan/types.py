@@ -1,0 +1,84 @@
+"""Records that plugins return to the core.
+
+These are plain :mod:`attrs` classes so that plugins can build them without
+importing torch, and so that the core can validate them when they arrive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed.checkpoint.planner import SavePlan
+
+__all__ = ["Strategy", "StrategyFunc", "PluginInfo"]
+
+#: A dedup strategy: ``func(all_plans, **options) -> list[SavePlan]``.
+#: It receives one local plan per rank (index = rank), must return a *new*
+#: list of the same length, must never mutate its input and must give each
+#: written item to exactly one rank that holds it.
+StrategyFunc = Callable[..., "list[SavePlan]"]
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _check_name(_inst: Any, _attr: Any, value: str) -> None:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValueError(
+            f"strategy name {value!r} is invalid: use lower-case letters, digits and '_', "
+            "starting with a letter (e.g. 'size_balanced')"
+        )
+
+
+def _freeze_options(value: Mapping[str, Any] | None) -> dict[str, Any]:
+    return dict(value or {})
+
+
+@attrs.frozen
+class Strategy:
+    """A named dedup strategy, as returned by ``dcplan_register_strategies``.
+
+    :param name: the name users put in config (``strategy = "name"``).
+    :param func: ``func(all_plans: Sequence[SavePlan], **options) -> list[SavePlan]``.
+    :param description: one line shown by ``dcplan plugins``.
+    :param options: the option names the strategy accepts with their defaults.
+        Config's ``strategy_options`` may set only these; others are an error.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    func: StrategyFunc = attrs.field(validator=attrs.validators.is_callable())
+    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    options: dict[str, Any] = attrs.field(factory=dict, converter=_freeze_options)
+
+    def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Return the defaults overlaid with ``given``; unknown names are an error."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "(none)"
+            raise ValueError(
+                f"strategy {self.name!r} has no option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: {valid}"
+            )
+        out = dict(self.options)
+        out.update(given)
+        return out
+
+    def __call__(self, all_plans: Sequence[SavePlan], **options: Any) -> list[SavePlan]:
+        return self.func(all_plans, **self.resolve_options(options))
+
+
+@attrs.frozen
+class PluginInfo:
+    """What ``dcplan plugins`` lists for one registered plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
+    strategies: tuple[str, ...]
+    builtin: bool = False
