@@ -250,3 +250,21 @@ def import_object(path: str) -> Any:
 
 DefaultSavePlanner = _dp.DefaultSavePlanner
 DefaultLoadPlanner = _dp.DefaultLoadPlanner
+
+
+# ---------------------------------------------------------------- DTensor API
+def dtensor_placements() -> tuple[Any, Any]:
+    """``(Replicate, Shard)`` placement classes (``torch.distributed.tensor`` from 2.5)."""
+    try:
+        from torch.distributed.tensor import Replicate, Shard
+    except ImportError:  # pragma: no cover - torch 2.4
+        from torch.distributed._tensor import Replicate, Shard  # type: ignore[no-redef]
+    return Replicate, Shard
+
+
+def distribute_tensor(tensor: torch.Tensor, mesh: Any, placements: Any) -> Any:
+    try:
+        from torch.distributed.tensor import distribute_tensor as _dt
+    except ImportError:  # pragma: no cover - torch 2.4
+        from torch.distributed._tensor import distribute_tensor as _dt  # type: ignore[no-redef]
+    return _dt(tensor, mesh, placements)
