@@ -268,3 +268,54 @@ def distribute_tensor(tensor: torch.Tensor, mesh: Any, placements: Any) -> Any:
     except ImportError:  # pragma: no cover - torch 2.4
         from torch.distributed._tensor import distribute_tensor as _dt  # type: ignore[no-redef]
     return _dt(tensor, mesh, placements)
+
+
+# ---------------------------------------------------------------- safe loading (dcplan.safe)
+def weights_only_load(fileobj: Any, extra_globals: Sequence[Any] = ()) -> Any:
+    """``torch.load(weights_only=True)`` that also admits ``extra_globals`` for this call.
+
+    torch 2.5+ has the ``torch.serialization.safe_globals`` context manager; 2.4 only has the
+    process-wide ``add_safe_globals`` list, which is extended and restored around the call.
+    """
+    ser = torch.serialization
+    extra = list(extra_globals)
+    ctx = getattr(ser, "safe_globals", None)
+    if ctx is not None:
+        with ctx(extra):
+            return torch.load(fileobj, weights_only=True)
+    if not extra:  # pragma: no cover - torch 2.4
+        return torch.load(fileobj, weights_only=True)
+    prev = list(ser.get_safe_globals())  # pragma: no cover - torch 2.4
+    ser.add_safe_globals(extra)  # pragma: no cover - torch 2.4
+    try:  # pragma: no cover - torch 2.4
+        return torch.load(fileobj, weights_only=True)
+    finally:  # pragma: no cover - torch 2.4
+        ser.clear_safe_globals()
+        ser.add_safe_globals(prev)
+
+
+def unsafe_globals_in(fileobj: Any) -> list[str] | None:
+    """The globals a ``torch.save`` payload needs beyond torch's defaults (2.5+), else ``None``."""
+    fn = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if fn is None:  # pragma: no cover - torch 2.4
+        return None
+    return list(fn(fileobj))
+
+
+def metadata_file_path(reader: Any, rank: int | None = None) -> Any:
+    """Where a ``FileSystemReader`` reads ``.metadata`` from (``_get_metadata_path`` is 2.6+)."""
+    get = getattr(reader, "_get_metadata_path", None)
+    if get is not None:
+        return get(rank)
+    return reader.fs.concat_path(reader.path, ".metadata")  # pragma: no cover - older torch
+
+
+def finish_read_metadata(reader: Any, metadata: Metadata) -> Metadata:
+    """What torch's ``FileSystemReader.read_metadata`` does after unpickling (``storage_meta``, 2.4+)."""
+    if HAS_STORAGE_META and hasattr(reader, "load_id"):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = reader.load_id
+    return metadata
