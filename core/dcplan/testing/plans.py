@@ -26,15 +26,16 @@ def tensor_item(
     offsets: Sequence[int] | None = None,
     sizes: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
+    shard: bool | None = None,
 ) -> WriteItem:
-    """A tensor item; a SHARD when the chunk is not the whole tensor."""
+    """A tensor item; a SHARD when the chunk is not the whole tensor (or ``shard=True``)."""
     size = tuple(size)
     offsets = tuple(offsets) if offsets is not None else (0,) * len(size)
     sizes = tuple(sizes) if sizes is not None else size
     whole = offsets == (0,) * len(size) and sizes == size
     return compat.make_write_item(
         index=MetadataIndex(fqn, torch.Size(offsets)),
-        type=WriteItemType.TENSOR if whole else WriteItemType.SHARD,
+        type=WriteItemType.SHARD if (shard if shard is not None else not whole) else WriteItemType.TENSOR,
         tensor_data=TensorWriteData(
             chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
             properties=TensorProperties(dtype=dtype),
