@@ -1,20 +1,200 @@
-"""``dcplan.LoadPlanner``: a drop-in for torch's ``DefaultLoadPlanner``."""
+"""``dcplan.LoadPlanner``: a drop-in for torch's ``DefaultLoadPlanner``.
+
+Strict and safe by default:
+
+* every key of the state dict must be in the checkpoint; *all* missing keys are
+  reported at once (:class:`dcplan.MissingKeysError`) during planning, on every rank,
+  before any tensor is read. ``dcplan-partial-load`` relaxes that by config
+  (``partial_load = true``) and lets listed keys skip a shape mismatch
+  (``skip_mismatch_keys``);
+* non-tensor items are restored with torch's weights-only unpickler
+  (:mod:`dcplan.safe`).
+
+After planning, :attr:`LoadPlanner.report` holds a :class:`LoadReport` (missing,
+unexpected and mismatched keys). The coordinator merges every rank's report and logs
+it once (logger ``dcplan``).
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from dcplan import compat
 from dcplan.compat import LoadPlan, Metadata, ReadItem
 from dcplan.config import Config, resolve_config
-from dcplan.errors import MissingKeysError
+from dcplan.errors import ConfigError, MissingKeysError
 from dcplan.manager import DcplanPluginManager, get_plugin_manager
 
-__all__ = ["LoadPlanner"]
+__all__ = ["LoadPlanner", "LoadReport", "Mismatch", "format_path"]
+
+log = logging.getLogger("dcplan")
+
+#: ``LoadPlan.planner_data`` key under which each rank sends its report to the coordinator.
+REPORT_KEY = "dcplan_load_report"
+
+
+def format_path(path: Sequence[Any]) -> str:
+    """The user's nested spelling of a flattening path: ``optim['state'][0]['exp_avg']``."""
+    if not path:
+        return ""
+    head, *rest = path
+    return str(head) + "".join(f"[{p!r}]" for p in rest)
+
+
+@attrs.frozen
+class Mismatch:
+    """A requested tensor whose shape or dtype differs from the checkpoint's."""
+
+    key: str
+    nested: str
+    checkpoint_shape: tuple[int, ...] | None
+    state_dict_shape: tuple[int, ...] | None
+    checkpoint_dtype: str | None
+    state_dict_dtype: str | None
+
+    @property
+    def shape_differs(self) -> bool:
+        return self.checkpoint_shape != self.state_dict_shape
+
+    @property
+    def dtype_differs(self) -> bool:
+        return self.checkpoint_dtype != self.state_dict_dtype
+
+    def describe(self) -> str:
+        parts = []
+        if self.shape_differs:
+            parts.append(f"shape {self.checkpoint_shape} in the checkpoint vs {self.state_dict_shape} requested")
+        if self.dtype_differs:
+            parts.append(f"dtype {self.checkpoint_dtype} in the checkpoint vs {self.state_dict_dtype} requested")
+        name = self.key if self.nested in ("", self.key) else f"{self.key} ({self.nested})"
+        return f"{name}: {', '.join(parts)}"
+
+
+def _pairs(keys: Sequence[str], nested: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    return tuple(zip(keys, nested))
+
+
+@attrs.frozen
+class LoadReport:
+    """What a load planned: keys requested but missing, present but not requested, mismatched.
+
+    Keys are flattened (``optim.state.0.exp_avg``); each comes with the user's nested
+    spelling (``optim['state'][0]['exp_avg']``).
+
+    :ivar missing: ``(key, nested)`` requested, not in the checkpoint (skipped by a partial load).
+    :ivar unexpected: ``(key, nested)`` in the checkpoint, not requested (by any rank, once merged).
+    :ivar mismatched: shape or dtype mismatches. A dtype mismatch is cast on copy like torch does;
+        a shape mismatch is an error unless the key matches ``skip_mismatch_keys``.
+    :ivar skipped: keys left untouched (missing or allowed mismatches).
+    :ivar ranks: how many ranks' reports were merged (1 before merging).
+    """
+
+    missing: tuple[tuple[str, str], ...] = ()
+    unexpected: tuple[tuple[str, str], ...] = ()
+    mismatched: tuple[Mismatch, ...] = ()
+    skipped: tuple[str, ...] = ()
+    ranks: int = 1
+
+    @property
+    def missing_keys(self) -> list[str]:
+        return [k for k, _ in self.missing]
+
+    @property
+    def unexpected_keys(self) -> list[str]:
+        return [k for k, _ in self.unexpected]
+
+    @property
+    def mismatched_keys(self) -> list[str]:
+        return [m.key for m in self.mismatched]
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "missing": [{"key": k, "nested": n} for k, n in self.missing],
+            "unexpected": [{"key": k, "nested": n} for k, n in self.unexpected],
+            "mismatched": [attrs.asdict(m) for m in self.mismatched],
+            "skipped": list(self.skipped),
+            "ranks": self.ranks,
+        }
+
+    def format(self, limit: int = 20) -> str:
+        """A few human-readable lines (at most ``limit`` keys per section)."""
+
+        def show(pairs: Sequence[tuple[str, str]]) -> str:
+            names = [k if n in ("", k) else f"{k} ({n})" for k, n in pairs[:limit]]
+            more = f" ... and {len(pairs) - limit} more" if len(pairs) > limit else ""
+            return ", ".join(names) + more
+
+        lines = [f"dcplan load report ({self.ranks} rank(s)):"]
+        lines.append(f"  missing (requested, not in the checkpoint): {len(self.missing)}"
+                     + (f": {show(self.missing)}" if self.missing else ""))
+        lines.append(f"  unexpected (in the checkpoint, not requested): {len(self.unexpected)}"
+                     + (f": {show(self.unexpected)}" if self.unexpected else ""))
+        lines.append(f"  mismatched: {len(self.mismatched)}")
+        lines += [f"    {m.describe()}" for m in self.mismatched[:limit]]
+        if self.skipped:
+            lines.append(f"  skipped: {len(self.skipped)}")
+        return "\n".join(lines)
+
+    @classmethod
+    def merge(cls, reports: Sequence[LoadReport]) -> LoadReport:
+        """Merge ranks' reports: union of missing/mismatched/skipped, intersection of unexpected."""
+        if not reports:
+            return cls(ranks=0)
+        missing: dict[str, str] = {}
+        mism: dict[str, Mismatch] = {}
+        skipped: set[str] = set()
+        unexpected = dict(reports[0].unexpected)
+        for r in reports:
+            missing.update(r.missing)
+            for m in r.mismatched:
+                mism.setdefault(m.key, m)
+            skipped.update(r.skipped)
+            keep = {k for k, _ in r.unexpected}
+            unexpected = {k: v for k, v in unexpected.items() if k in keep}
+        return cls(
+            missing=tuple(sorted(missing.items())),
+            unexpected=tuple(sorted(unexpected.items())),
+            mismatched=tuple(mism[k] for k in sorted(mism)),
+            skipped=tuple(sorted(skipped)),
+            ranks=len(reports),
+        )
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _tensor_shape(obj: Any) -> tuple[int, ...] | None:
+    size = getattr(obj, "size", None)
+    if not callable(size) or not isinstance(obj, torch.Tensor):
+        return None
+    return tuple(int(s) for s in size())
+
+
+def _user_path(root: Any, path: Sequence[Any]) -> list[Any]:
+    """``path`` with mapping keys restored to the user's objects (flattening turns ``0`` into ``'0'``)."""
+    out: list[Any] = []
+    node = root
+    for part in path:
+        key = part
+        if isinstance(node, Mapping) and part not in node:
+            key = next((k for k in node if str(k) == str(part)), part)
+        out.append(key)
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return out
 
 
 class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
@@ -23,9 +203,14 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
     Strict by default: every key of the state dict must be in the checkpoint,
     and all missing keys are reported at once during planning, on every rank,
     before any tensor is read. ``dcplan-partial-load`` relaxes that by config.
+    Non-tensor items are restored with torch's weights-only unpickler unless
+    ``trust_checkpoint`` is set (see :mod:`dcplan.safe`).
 
     :param config: a :class:`dcplan.Config`, or ``None`` to read config sources.
+    :param allow_partial_load: torch's spelling of ``partial_load=True`` (accepted for drop-in use).
     :param overrides: any :class:`Config` key, e.g. ``partial_load=True``.
+    :raises ConfigError: ``partial_load`` or ``skip_mismatch_keys`` is set but no installed,
+        enabled plugin implements it (install ``dcplan-partial-load``).
     """
 
     def __init__(
@@ -34,19 +219,26 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
         *,
         flatten_state_dict: bool = True,
         flatten_sharded_tensors: bool = True,
+        allow_partial_load: bool | None = None,
         plugin_manager: DcplanPluginManager | None = None,
         **overrides: Any,
     ) -> None:
         compat.DefaultLoadPlanner.__init__(
             self, flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=flatten_sharded_tensors
         )
+        if allow_partial_load is not None:
+            overrides.setdefault("partial_load", bool(allow_partial_load))
         self.config, self.config_sources = resolve_config(config, overrides)
         self._pm = plugin_manager
         self.skip_keys: set[str] = set()
         self.missing_keys: list[str] = []
-        self.report: Any = None
+        self.mismatches: list[Mismatch] = []
+        self.report: LoadReport | None = None
         self.original_state_dict: dict[str, Any] = {}
         self.mappings: dict[str, Any] = {}
+        self.metadata: Metadata | None = None
+        self.is_coordinator = False
+        self._check_partial_load_plugin()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -63,6 +255,25 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
     def hook(self) -> Any:
         return self.plugin_manager.hook
 
+    def _check_partial_load_plugin(self) -> None:
+        """``partial_load``/``skip_mismatch_keys`` without a plugin would silently load strictly."""
+        wanted = [k for k in ("partial_load", "skip_mismatch_keys") if getattr(self.config, k)]
+        if not wanted:
+            return
+        pm = self.plugin_manager
+        builtin = set(getattr(pm, "_builtin", ()))
+        impls = [i for i in pm.hook.dcplan_missing_keys_policy.get_hookimpls() if i.plugin_name not in builtin]
+        if impls:
+            return
+        where = ", ".join(f"{k} from {self.config_sources.get(k, '?')}" for k in wanted)
+        raise ConfigError(
+            f"{' and '.join(wanted)} is set ({where}) but no installed, enabled plugin implements partial "
+            "loads, so the load would be strict: pip install dcplan-partial-load (and make sure "
+            "DCPLAN_LOAD_PLUGINS/DCPLAN_DISABLE_PLUGINS do not exclude 'partial_load'), or unset "
+            f"{' and '.join(wanted)}"
+        )
+
+    # -- planning ----------------------------------------------------------
     def set_up_planner(
         self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False
     ) -> None:
@@ -84,33 +295,62 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
         self.is_coordinator = is_coordinator
 
     def nested_key(self, fqn: str) -> str:
-        """The user's nested spelling of a flattened key, e.g. ``state[0]['exp_avg']``."""
+        """The user's nested spelling of a flattened key, e.g. ``optim['state'][0]['exp_avg']``."""
         path = self.mappings.get(fqn)
         if not path:
             return fqn
-        head, *rest = path
-        return str(head) + "".join(f"[{p!r}]" for p in rest)
+        return format_path(_user_path(self.original_state_dict, path))
+
+    def checkpoint_nested_key(self, fqn: str) -> str:
+        """The nested spelling the checkpoint's ``planner_data`` records for ``fqn`` (if any)."""
+        pd = getattr(self.metadata, "planner_data", None)
+        path = pd.get(fqn) if isinstance(pd, Mapping) else None
+        if isinstance(path, (tuple, list)) and path:
+            return format_path(path)
+        return fqn
 
     def _maybe_old_format(self) -> None:
         """Checkpoints from torch <= 2.3 flattened lists differently."""
         if not self.flatten_state_dict:
             return
-        keys = set(self.metadata.state_dict_metadata)
-        missing = set(self.state_dict) - keys
+        assert self.metadata is not None
+        keys = self.metadata.state_dict_metadata
+        missing = [k for k in self.state_dict if k not in keys]
         if not missing:
             return
         old = compat.old_format_flatten(self.original_state_dict)
         if old is None:
             return
         old_sd, old_map = old
-        if set(old_sd) - keys < missing:
+        if len([k for k in old_sd if k not in keys]) < len(missing):
             self.state_dict, self.mappings = old_sd, old_map
 
-    def create_local_plan(self) -> LoadPlan:
+    def _find_mismatches(self) -> list[Mismatch]:
         assert self.metadata is not None
+        md = self.metadata.state_dict_metadata
+        out = []
+        for fqn in sorted(self.state_dict):
+            entry = md.get(fqn)
+            if not isinstance(entry, compat.TensorStorageMetadata):
+                continue
+            obj = self.state_dict[fqn]
+            shape = _tensor_shape(obj)
+            if shape is None:
+                continue
+            ck_shape = tuple(int(s) for s in entry.size)
+            ck_dtype = _dtype_name(getattr(entry.properties, "dtype", None))
+            sd_dtype = _dtype_name(obj.dtype)
+            if ck_shape != shape or ck_dtype != sd_dtype:
+                out.append(Mismatch(fqn, self.nested_key(fqn), ck_shape, shape, ck_dtype, sd_dtype))
+        return out
+
+    def create_local_plan(self) -> LoadPlan:
+        if self.metadata is None:
+            raise RuntimeError("dcplan.LoadPlanner.create_local_plan called before set_up_planner")
         self._maybe_old_format()
         md_keys = self.metadata.state_dict_metadata
         self.missing_keys = sorted(k for k in self.state_dict if k not in md_keys)
+        self.mismatches = self._find_mismatches()
         self.skip_keys = set()
         if self.missing_keys:
             policy = self.hook.dcplan_missing_keys_policy(
@@ -119,22 +359,49 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
             if policy == "skip":
                 self.skip_keys = set(self.missing_keys)
             else:
+                self.report = self._local_report()
                 raise MissingKeysError(self.missing_keys, [self.nested_key(k) for k in self.missing_keys])
         plan = self.hook.dcplan_create_local_load_plan(
             planner=self, state_dict=self.state_dict, metadata=self.metadata
         )
+        self.report = self._local_report()
+        plan = compat.replace_plan(plan, planner_data={REPORT_KEY: self.report})
         self.plan = plan
         return plan
 
+    def _local_report(self) -> LoadReport:
+        assert self.metadata is not None
+        requested = self.state_dict
+        unexpected = sorted(k for k in self.metadata.state_dict_metadata if k not in requested)
+        return LoadReport(
+            missing=_pairs(self.missing_keys, [self.nested_key(k) for k in self.missing_keys]),
+            unexpected=_pairs(unexpected, [self.checkpoint_nested_key(k) for k in unexpected]),
+            mismatched=tuple(self.mismatches),
+            skipped=tuple(sorted(self.skip_keys)),
+        )
+
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
-        return self.hook.dcplan_create_global_load_plan(planner=self, all_plans=global_plan)
+        reports = []
+        for plan in global_plan:
+            data = plan.planner_data
+            if isinstance(data, Mapping) and isinstance(data.get(REPORT_KEY), LoadReport):
+                reports.append(data[REPORT_KEY])
+        if reports:
+            self.report = LoadReport.merge(reports)
+            if self.config.report:
+                rep = self.report
+                level = logging.WARNING if rep.missing or rep.mismatched else logging.INFO
+                level = logging.DEBUG if rep.clean else level
+                log.log(level, "%s", self.report.format())
+        plans = [compat.replace_plan(p, planner_data=None) for p in global_plan]
+        return self.hook.dcplan_create_global_load_plan(planner=self, all_plans=plans)
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
         return new_plan
 
     # -- data ------------------------------------------------------------
     def unpickle(self, fqn: str, value: io.BytesIO) -> Any:
-        """Restore a non-tensor item. Overridden by the safe-loading support."""
+        """Restore a non-tensor item safely (see :func:`dcplan.safe.load_object`)."""
         from dcplan.safe import load_object
 
         return load_object(self, fqn, value)
