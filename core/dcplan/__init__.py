@@ -24,8 +24,9 @@ from dcplan.errors import (
     PluginError,
     UnknownStrategyError,
 )
-from dcplan.load_planner import LoadPlanner
+from dcplan.load_planner import LoadPlanner, LoadReport
 from dcplan.manager import get_plugin_manager, hookimpl
+from dcplan.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
 from dcplan.save_planner import SavePlanner
 from dcplan.types import PluginInfo, Strategy
 
@@ -33,8 +34,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.checkpoint.planner import SavePlan
 
 __all__ = [
+    "CheckpointReadError",
     "Config",
     "ConfigError",
+    "FileSystemReader",
+    "LoadReport",
+    "MetadataVersionError",
+    "UnsafeCheckpointError",
     "DcplanError",
     "LoadPlanner",
     "MissingKeysError",
