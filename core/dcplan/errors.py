@@ -12,6 +12,7 @@ __all__ = [
     "PlanMismatchError",
     "PlanValidationError",
     "MissingKeysError",
+    "CheckpointFormatError",
 ]
 
 
@@ -43,6 +44,9 @@ class UnknownStrategyError(ConfigError):
         msg += " (install the plugin that provides it, e.g. pip install dcplan-size-balanced)"
         super().__init__(msg)
 
+    def __reduce__(self) -> tuple:  # type: ignore[type-arg]
+        return (type(self), (self.name, self.valid, self.failed))
+
 
 class PlanMismatchError(DcplanError, RuntimeError):
     """Ranks resolved different strategies, options or plugin sets."""
@@ -58,6 +62,10 @@ class PlanValidationError(DcplanError, ValueError):
         super().__init__(
             f"dcplan: the global save plan is invalid, nothing was written: {shown}{more}"
         )
+
+    def __reduce__(self) -> tuple:  # type: ignore[type-arg]
+        # torch pickles exceptions across ranks; keep the structured fields
+        return (type(self), (self.errors,))
 
 
 class MissingKeysError(DcplanError, RuntimeError):
@@ -75,3 +83,10 @@ class MissingKeysError(DcplanError, RuntimeError):
             "(pip install dcplan-partial-load and set partial_load = true)"
         )
         super().__init__(msg)
+
+    def __reduce__(self) -> tuple:  # type: ignore[type-arg]
+        return (type(self), (self.missing, self.nested))
+
+
+class CheckpointFormatError(DcplanError, ValueError):
+    """The checkpoint was written in a format this torch cannot read (e.g. torch 2.15 metadata on 2.14)."""

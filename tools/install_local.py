@@ -1,0 +1,62 @@
+"""Install every local plugin package (``plugins/*/``) into the running interpreter.
+
+Used by tox (``commands_pre``) so that each environment gets the plugins the way a
+user gets them: built as wheels and installed non-editable. New plugin folders are
+found by glob and need no ``tox.ini`` edit.
+
+    python tools/install_local.py                    # plugins/*/
+    python tools/install_local.py --extra examples/dcplan-node-local
+
+``dcplan`` itself is installed by tox (its package build of the root
+``pyproject.toml``) before this runs; the plugins are installed with
+``--no-deps`` so pip never replaces it (or torch) with something from an index,
+and ``pip check`` then proves their declared dependencies are satisfied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plugin_dirs(root: Path = ROOT) -> list[Path]:
+    """Every ``plugins/<name>/`` holding a ``pyproject.toml``, sorted by name."""
+    return sorted(p.parent for p in (root / "plugins").glob("*/pyproject.toml"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--extra", action="append", default=[], metavar="DIR",
+        help="another project folder to install the same way (must exist)",
+    )
+    args = parser.parse_args(argv)
+    dirs = plugin_dirs()
+    if not dirs:
+        print(f"install_local: no plugins/*/pyproject.toml under {ROOT}", file=sys.stderr)
+        return 1
+    for extra in args.extra:
+        path = (ROOT / extra).resolve()
+        if not (path / "pyproject.toml").is_file():
+            print(
+                f"install_local: {extra} has no pyproject.toml ({path}); this environment needs that project. "
+                "Check out a tree that contains it, or run another tox environment.",
+                file=sys.stderr,
+            )
+            return 1
+        dirs.append(path)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--quiet"]
+    cmd += [str(d) for d in dirs]
+    print("install_local:", " ".join(str(d.relative_to(ROOT)) for d in dirs), flush=True)
+    rc = subprocess.call(cmd)
+    if rc:
+        return rc
+    return subprocess.call([sys.executable, "-m", "pip", "check"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
