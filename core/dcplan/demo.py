@@ -191,7 +191,7 @@ def _print_results(world_size: int, per_rank: list[dict[str, Any]], names: list[
             f"{n + mark:<16} {'rank ' + str(rep['busiest_rank']):>8} {rep['busiest_bytes']:>11,} "
             f"{rep['lower_bound']:>11,} {rep['ratio']:>6.3f} {plan_ms:>8.1f} {save_s:>7.2f} {load_s:>7.2f}  {verdict}"
         )
-    print(f"(* = configured strategy; ideal = lower bound on the busiest rank's bytes)")
+    print("(* = configured strategy; ideal = lower bound on the busiest rank's bytes)")
     return ok
 
 
