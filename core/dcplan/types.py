@@ -47,12 +47,16 @@ class Strategy:
     :param description: one line shown by ``dcplan plugins``.
     :param options: the option names the strategy accepts with their defaults.
         Config's ``strategy_options`` may set only these; others are an error.
+    :param check_options: optional ``check(options) -> None`` that raises
+        ``ValueError`` (naming the valid values) for bad option values. It runs
+        when a planner is built, on every rank, before anything is planned.
     """
 
     name: str = attrs.field(validator=_check_name)
     func: StrategyFunc = attrs.field(validator=attrs.validators.is_callable())
     description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     options: dict[str, Any] = attrs.field(factory=dict, converter=_freeze_options)
+    check_options: Callable[[dict[str, Any]], None] | None = attrs.field(default=None)
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Return the defaults overlaid with ``given``; unknown names are an error."""
@@ -66,6 +70,8 @@ class Strategy:
             )
         out = dict(self.options)
         out.update(given)
+        if self.check_options is not None:
+            self.check_options(out)
         return out
 
     def __call__(self, all_plans: Sequence[SavePlan], **options: Any) -> list[SavePlan]:
