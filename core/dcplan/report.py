@@ -1,30 +1,233 @@
 """The plan report: who writes what, and how far the busiest rank is from ideal.
 
-The lower bound follows the divisible relaxation of restricted assignment
-(``../shared/reference/peers.md`` section 5):
+The busiest rank sets the pace of a save, so the report compares its bytes with
+a lower bound on what *any* assignment of whole items could achieve. The bound
+is the divisible relaxation of restricted assignment
+(``/work/shared/reference/peers.md`` section 5):
 
-    LB = max( max_i L_i,  max_j p_j (+ min fixed load of its holders),
+    LB = max( max_j p_j,  max_i L_i,  max_j (p_j + min_{i in M_j} L_i),
               max_K [sum_{i in K} L_i + sum_{j: M_j subset of K} p_j] / |K| )
 
-where ``L_i`` is rank i's fixed load (items only it holds), ``p_j`` a replicated
-item's bytes and ``M_j`` its holders. ``K`` ranges over every distinct holder
-set (the replica groups), which is exact for disjoint and laminar layouts.
+where ``L_i`` is rank i's fixed load (bytes of the items only it holds), ``p_j``
+a replicated item's bytes and ``M_j`` its holders. ``K`` ranges over every
+distinct holder set (the replica groups), which is exact for the disjoint and
+laminar layouts that DDP, FSDP, HSDP and TP x PP x DP produce. Bytes are the
+bytes actually written (chunk numel x element size, see
+:func:`dcplan.planning.item_nbytes`). A strategy that *splits* items (``split``)
+may beat this bound: its ratio can be below 1.
+
+Everything here is linear in the number of plan entries (one dict lookup per
+entry), so a report on 2M items costs about as much as one dedup pass.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from dcplan.compat import SavePlan
-from dcplan.planning import item_key, item_nbytes
+from dcplan.compat import SavePlan, WriteItem
 
-__all__ = ["PlanReport", "build_report", "lower_bound", "holders_and_sizes"]
+__all__ = [
+    "PlanIndex",
+    "PlanReport",
+    "build_report",
+    "compare_table",
+    "fast_nbytes",
+    "fmt_bytes",
+    "holders_and_sizes",
+    "index_plans",
+    "lower_bound",
+]
 
 log = logging.getLogger("dcplan")
+
+_ITEMSIZE: dict[Any, int] = {}
+
+
+def fast_nbytes(item: WriteItem) -> int:
+    """Bytes an item writes (same value as :func:`dcplan.planning.item_nbytes`, cheaper).
+
+    Tensor items weigh ``prod(chunk.sizes) * element size``; non-tensor items
+    their recorded serialized size (torch 2.8+) or 1.
+    """
+    td = item.tensor_data
+    if td is None:
+        n = getattr(getattr(item, "bytes_io_data", None), "nbytes", None)
+        return int(n) if n else 1
+    dtype = td.properties.dtype
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+        size = _ITEMSIZE[dtype] = int(dtype.itemsize)
+    chunk = td.chunk
+    return math.prod(chunk.sizes if chunk is not None else td.size) * size
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536`` -> ``'1.50 KiB'``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+class PlanIndex:
+    """Who holds what, built in one pass over the local plans.
+
+    Attributes (``k`` = key id, in first-seen order: rank 0's items in plan
+    order, then new items of rank 1, ...):
+
+    * ``keys[k]``: the item's ``MetadataIndex`` (fqn + offset; DCP's identity);
+    * ``first[k]`` / ``last[k]``: the item as the lowest / highest holder lists it;
+    * ``holders[k]``: the ranks holding it, ascending, no duplicates;
+    * ``nbytes[k]``: the bytes it writes;
+    * ``ids[rank]``: the key id of each item of that rank's plan, in plan order.
+    """
+
+    __slots__ = ("world_size", "keys", "first", "last", "holders", "ids", "_nbytes")
+
+    def __init__(self, all_plans: Sequence[SavePlan]) -> None:
+        lookup: dict[Any, int] = {}
+        keys: list[Any] = []
+        first: list[WriteItem] = []
+        last: list[WriteItem] = []
+        holders: list[list[int]] = []
+        all_ids: list[list[int]] = []
+        for rank, plan in enumerate(all_plans):
+            ids: list[int] = []
+            app = ids.append
+            for item in plan.items:
+                idx = item.index
+                k = lookup.get(idx)
+                if k is None:
+                    k = len(keys)
+                    lookup[idx] = k
+                    keys.append(idx)
+                    first.append(item)
+                    last.append(item)
+                    holders.append([rank])
+                else:
+                    h = holders[k]
+                    if h[-1] != rank:
+                        h.append(rank)
+                    last[k] = item
+                app(k)
+            all_ids.append(ids)
+        self.world_size = len(all_plans)
+        self.keys = keys
+        self.first = first
+        self.last = last
+        self.holders = holders
+        self.ids = all_ids
+        self._nbytes: list[int] | None = None
+
+    @property
+    def nbytes(self) -> list[int]:
+        if self._nbytes is None:
+            self._nbytes = [fast_nbytes(i) for i in self.first]
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def fixed_loads(self) -> list[int]:
+        """Per rank: bytes of the items only that rank holds."""
+        fixed = [0] * self.world_size
+        nb = self.nbytes
+        for k, hs in enumerate(self.holders):
+            if len(hs) == 1:
+                fixed[hs[0]] += nb[k]
+        return fixed
+
+    def apply_owners(self, all_plans: Sequence[SavePlan], owner: Sequence[int]) -> list[SavePlan]:
+        """New plans keeping, on each rank, the items whose ``owner[k]`` is that rank."""
+        from dcplan.compat import replace_plan
+
+        out = []
+        for rank, (plan, ids) in enumerate(zip(all_plans, self.ids)):
+            out.append(replace_plan(plan, items=[it for it, k in zip(plan.items, ids) if owner[k] == rank]))
+        return out
+
+
+def index_plans(all_plans: Sequence[SavePlan]) -> PlanIndex:
+    """Build a :class:`PlanIndex` (one dict lookup per plan entry)."""
+    return PlanIndex(all_plans)
+
+
+def holders_and_sizes(
+    all_plans: Sequence[SavePlan],
+) -> tuple[dict[Any, tuple[int, ...]], dict[Any, int]]:
+    """For each item key (``MetadataIndex``): the ranks holding it (sorted) and its bytes."""
+    idx = index_plans(all_plans)
+    nb = idx.nbytes
+    return (
+        {k: tuple(h) for k, h in zip(idx.keys, idx.holders)},
+        dict(zip(idx.keys, nb)),
+    )
+
+
+def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[int]) -> tuple[int, str]:
+    """The lower bound and which term set it."""
+    fixed = [0] * world_size
+    group_bytes: dict[tuple[int, ...], int] = {}
+    group_max: dict[tuple[int, ...], int] = {}
+    biggest = 0
+    for hs, p in zip(holders, sizes):
+        if p > biggest:
+            biggest = p
+        if len(hs) == 1:
+            fixed[hs[0]] += p
+        else:
+            t = tuple(hs)
+            group_bytes[t] = group_bytes.get(t, 0) + p
+            if p > group_max.get(t, -1):
+                group_max[t] = p
+    lb, why = 0, "empty plan"
+    if biggest > lb:
+        lb, why = biggest, "largest item"
+    for r, f in enumerate(fixed):
+        if f > lb:
+            lb, why = f, f"fixed load of rank {r}"
+    for g, p in group_max.items():
+        t = p + min(fixed[i] for i in g)
+        if t > lb:
+            lb, why = t, "an item plus its holders' least fixed load"
+    # K = each distinct holder set; items whose holders lie inside K must land in K.
+    groups = sorted(group_bytes)
+    containing: dict[int, list[int]] = {}
+    for gi, g in enumerate(groups):
+        for r in g:
+            containing.setdefault(r, []).append(gi)
+    sets = [frozenset(g) for g in groups]
+    inside = [0] * len(groups)
+    for gi, g in enumerate(groups):
+        b = group_bytes[g]
+        s = sets[gi]
+        for ki in containing[g[0]]:
+            if ki == gi or (len(groups[ki]) > len(g) and s <= sets[ki]):
+                inside[ki] += b
+    for gi, g in enumerate(groups):
+        total = sum(fixed[i] for i in g) + inside[gi]
+        t = -(-total // len(g))
+        if t > lb:
+            lb, why = t, f"replica group of {len(g)} ranks ({g[0]}..{g[-1]})"
+    return lb, why
+
+
+def lower_bound(world_size: int, holders: Mapping[Any, Sequence[int]], sizes: Mapping[Any, int]) -> int:
+    """The lower bound on the busiest rank's bytes for any whole-item assignment.
+
+    :param world_size: number of ranks.
+    :param holders: item key -> ranks holding it.
+    :param sizes: item key -> bytes.
+    """
+    keys = list(holders)
+    return _bound(world_size, [holders[k] for k in keys], [sizes[k] for k in keys])[0]
 
 
 @attrs.frozen
@@ -39,23 +242,48 @@ class PlanReport:
     ratio: float
     strategy: str = ""
     total_bytes: int = 0
+    bound_reason: str = ""
 
-    def table(self) -> str:
-        lines = [f"{'rank':>5} {'bytes':>14} {'items':>7}"]
-        for r, (b, n) in enumerate(zip(self.bytes_per_rank, self.items_per_rank)):
+    @property
+    def world_size(self) -> int:
+        return len(self.bytes_per_rank)
+
+    @property
+    def total_items(self) -> int:
+        return sum(self.items_per_rank)
+
+    def table(self, max_rows: int = 32) -> str:
+        """Per-rank bytes and items; with more than ``max_rows`` ranks, the busiest and idlest."""
+        lines = [f"{'rank':>6} {'bytes':>18} {'':>11} {'items':>8}"]
+        n = self.world_size
+        if n <= max_rows:
+            shown = list(range(n))
+        else:
+            by_load = sorted(range(n), key=lambda r: (-self.bytes_per_rank[r], r))
+            half = max_rows // 2
+            shown = sorted(set(by_load[:half]) | set(by_load[-half:]))
+        prev = -1
+        for r in shown:
+            if prev >= 0 and r != prev + 1:
+                lines.append(f"{'...':>6}")
+            prev = r
+            b, k = self.bytes_per_rank[r], self.items_per_rank[r]
             mark = "  <- busiest" if r == self.busiest_rank else ""
-            lines.append(f"{r:>5} {b:>14,} {n:>7}{mark}")
+            lines.append(f"{r:>6} {b:>18,} {fmt_bytes(b):>11} {k:>8}{mark}")
+        if n > max_rows:
+            lines.append(f"({n - len(shown)} of {n} ranks not shown)")
         lines.append(
-            f"busiest rank {self.busiest_rank}: {self.busiest_bytes:,} B; lower bound "
-            f"{self.lower_bound:,} B; ratio {self.ratio:.3f}"
+            f"busiest rank {self.busiest_rank}: {fmt_bytes(self.busiest_bytes)}; lower bound "
+            f"{fmt_bytes(self.lower_bound)} ({self.bound_reason or 'n/a'}); ratio {self.ratio:.3f}"
         )
         return "\n".join(lines)
 
     def summary(self) -> str:
         return (
-            f"dcplan plan report ({self.strategy or 'strategy'}): {len(self.bytes_per_rank)} ranks, "
-            f"{self.total_bytes:,} B total, busiest rank {self.busiest_rank} writes "
-            f"{self.busiest_bytes:,} B, lower bound {self.lower_bound:,} B, ratio {self.ratio:.3f}"
+            f"dcplan plan report ({self.strategy or 'strategy'}): {self.world_size} ranks, "
+            f"{self.total_items} items, {fmt_bytes(self.total_bytes)} total; busiest rank {self.busiest_rank} "
+            f"writes {fmt_bytes(self.busiest_bytes)}, lower bound {fmt_bytes(self.lower_bound)}, "
+            f"ratio {self.ratio:.3f}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,58 +293,26 @@ class PlanReport:
         return d
 
 
-def holders_and_sizes(
-    all_plans: Sequence[SavePlan],
-) -> tuple[dict[Any, tuple[int, ...]], dict[Any, int]]:
-    """For each item key: the ranks holding it (sorted) and its bytes."""
-    holders: dict[Any, list[int]] = {}
-    sizes: dict[Any, int] = {}
-    for rank, plan in enumerate(all_plans):
-        for item in plan.items:
-            k = item_key(item)
-            holders.setdefault(k, []).append(rank)
-            if k not in sizes:
-                sizes[k] = item_nbytes(item)
-    return {k: tuple(sorted(set(v))) for k, v in holders.items()}, sizes
-
-
-def lower_bound(
-    world_size: int, holders: dict[Any, tuple[int, ...]], sizes: dict[Any, int]
-) -> int:
-    fixed = [0] * world_size
-    group_bytes: dict[tuple[int, ...], int] = {}
-    biggest = 0
-    for k, hs in holders.items():
-        p = sizes[k]
-        if len(hs) == 1:
-            fixed[hs[0]] += p
-        else:
-            group_bytes[hs] = group_bytes.get(hs, 0) + p
-        biggest = max(biggest, p)
-    lb = max(fixed, default=0)
-    for k, hs in holders.items():
-        if len(hs) > 1:
-            lb = max(lb, sizes[k] + min(fixed[i] for i in hs))
-    # K = every distinct holder set; items whose holders lie inside K must land in K.
-    groups = list(group_bytes)
-    sets = [frozenset(g) for g in groups]
-    for g, s in zip(groups, sets):
-        inside = sum(b for g2, s2, b in zip(groups, sets, group_bytes.values()) if s2 <= s)
-        total = sum(fixed[i] for i in g) + inside
-        lb = max(lb, -(-total // len(g)))
-    return max(lb, biggest if not group_bytes else lb)
-
-
 def build_report(
-    local_plans: Sequence[SavePlan], global_plan: Sequence[SavePlan], strategy: str = ""
+    local_plans: Sequence[SavePlan],
+    global_plan: Sequence[SavePlan],
+    strategy: str = "",
+    *,
+    index: PlanIndex | None = None,
 ) -> PlanReport:
-    """Report on ``global_plan`` (after dedup) given the ``local_plans`` it came from."""
+    """Report on ``global_plan`` (after dedup) given the ``local_plans`` it came from.
+
+    :param local_plans: one plan per rank before dedup (who *holds* what).
+    :param global_plan: one plan per rank after dedup (who *writes* what).
+    :param strategy: a name shown in the report.
+    :param index: a :class:`PlanIndex` of ``local_plans`` already built (saves a pass).
+    """
     world = len(global_plan)
-    per_rank = [sum(item_nbytes(i) for i in p.items) for p in global_plan]
+    per_rank = [sum(map(fast_nbytes, p.items)) for p in global_plan]
     items = [len(p.items) for p in global_plan]
-    holders, sizes = holders_and_sizes(local_plans)
-    lb = lower_bound(world, holders, sizes)
-    busiest = max(range(world), key=lambda r: (per_rank[r], -r)) if world else 0
+    idx = index if index is not None else index_plans(local_plans)
+    lb, why = _bound(max(world, idx.world_size), idx.holders, idx.nbytes)
+    busiest = min(range(world), key=lambda r: (-per_rank[r], r)) if world else 0
     top = per_rank[busiest] if world else 0
     ratio = (top / lb) if lb else 1.0
     return PlanReport(
@@ -128,4 +324,26 @@ def build_report(
         ratio=ratio,
         strategy=strategy,
         total_bytes=sum(per_rank),
+        bound_reason=why,
     )
+
+
+def compare_table(reports: Mapping[str, PlanReport]) -> str:
+    """Side-by-side summary of several reports on the same local plans (one row each).
+
+    Columns: strategy, busiest rank and its bytes, the lower bound, the ratio
+    (busiest / lower bound), the least-loaded rank's bytes, and the largest
+    number of items (files' entries) one rank writes.
+    """
+    header = (
+        f"{'strategy':<28} {'busiest':>8} {'busiest bytes':>13} {'lower bound':>13} {'ratio':>7} "
+        f"{'idlest bytes':>13} {'max items':>9} {'total items':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, r in reports.items():
+        idle = min(r.bytes_per_rank) if r.bytes_per_rank else 0
+        lines.append(
+            f"{name:<28} {r.busiest_rank:>8} {fmt_bytes(r.busiest_bytes):>13} {fmt_bytes(r.lower_bound):>13} "
+            f"{r.ratio:>7.3f} {fmt_bytes(idle):>13} {max(r.items_per_rank, default=0):>9} {r.total_items:>11}"
+        )
+    return "\n".join(lines)
