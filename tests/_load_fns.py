@@ -7,11 +7,12 @@ import io
 import os
 from typing import Any
 
-import dcplan
 import torch
 import torch.distributed.checkpoint as dcp
-from dcplan import compat
 from torch import nn
+
+import dcplan
+from dcplan import compat
 
 
 def bits(t: torch.Tensor) -> str:
@@ -173,3 +174,16 @@ def torch_save_bytes(obj: Any) -> bytes:
 
 def files(path: str) -> list[str]:
     return sorted(os.listdir(path))
+
+
+class Box:
+    """A user type that the safe loaders block until it is trusted."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Box) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
