@@ -114,6 +114,7 @@ def torch_save_to_dcp(source: str, checkpoint: str, *, trust: bool = False, forc
     os.makedirs(checkpoint, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
+        warnings.filterwarnings("ignore", message=".*existing checkpoint.*")  # --force was given
         dcp.save(
             state_dict,
             storage_writer=dcp.FileSystemWriter(checkpoint),

@@ -1,0 +1,134 @@
+"""``dcplan convert``: DCP <-> torch.save, bit-exact, safe, never overwriting without --force."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from dcplan import compat
+from dcplan.cli import main
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return bytes(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([float("nan"), -0.0, float("inf"), 1e-45])
+    return {
+        "model": {"w": torch.randn(5, 4, generator=g), "b": torch.randn(4, generator=g).to(torch.bfloat16),
+                  "special": special, "idx": torch.arange(7, dtype=torch.int64)},
+        "optim": {"state": {0: {"exp_avg": torch.randn(5, 4, generator=g)}},
+                  "param_groups": [{"lr": 0.5, "betas": (0.9, 0.99), "params": [0]}]},
+        "extra": {"epoch": 3, "tag": "x"},
+        "layers": [torch.ones(2), torch.zeros(3, dtype=torch.int8)],
+    }
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    path = str(tmp_path / "ck")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(_state(), storage_writer=dcp.FileSystemWriter(path), planner=compat.torch_default_save_planner())
+    return path
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and _bits(a) == _bits(b)
+    if isinstance(a, dict):
+        return set(map(str, a)) == set(map(str, b)) and all(
+            _equal(v, b[k] if k in b else b[str(k)]) for k, v in a.items())
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_round_trip_dcp_torch_save_dcp_is_bit_exact(ckpt, tmp_path, capsys):
+    from dcplan_empty_load import load_checkpoint
+
+    pt = str(tmp_path / "model.pt")
+    assert main(["convert", ckpt, pt]) == 0
+    loaded = torch.load(pt, weights_only=True)
+    assert _equal(_state(), loaded)
+    back = str(tmp_path / "back")
+    assert main(["convert", "--to-dcp", pt, back]) == 0
+    assert _equal(load_checkpoint(ckpt), load_checkpoint(back))
+    assert _equal(_state(), load_checkpoint(back))
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_keys_select_a_subset(ckpt, tmp_path):
+    pt = str(tmp_path / "model.pt")
+    assert main(["convert", ckpt, pt, "--keys", "model", "extra.epoch"]) == 0
+    got = torch.load(pt, weights_only=True)
+    assert sorted(got) == ["extra", "model"] and got["extra"] == {"epoch": 3}
+    assert _equal(_state()["model"], got["model"])
+
+
+def test_existing_output_needs_force(ckpt, tmp_path, capsys):
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(b"keep me")
+    assert main(["convert", ckpt, str(pt)]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and pt.read_bytes() == b"keep me"
+    assert main(["convert", ckpt, str(pt), "--force"]) == 0
+    assert pt.read_bytes() != b"keep me"
+    assert main(["convert", "--to-dcp", str(pt), ckpt]) == 2  # a non-empty checkpoint directory
+    assert "--force" in capsys.readouterr().err
+    assert main(["convert", "--to-dcp", str(pt), ckpt, "--force"]) == 0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_ckpt", "does not exist"),
+    ("not_ckpt", "no .metadata"),
+    ("unknown_key", "match nothing"),
+    ("missing_pt", "no such file"),
+    ("pt_not_dict", "not a state dict"),
+    ("corrupt_pt", "convert failed"),
+    ("keys_with_to_dcp", "--keys"),
+])
+def test_errors_are_one_line(ckpt, tmp_path, capsys, case, match):
+    pt = str(tmp_path / "in.pt")
+    out = str(tmp_path / "out")
+    argv = {
+        "missing_ckpt": ["convert", str(tmp_path / "nope"), pt],
+        "not_ckpt": ["convert", str(tmp_path), str(tmp_path / "x.pt")],
+        "unknown_key": ["convert", ckpt, pt, "--keys", "nothing"],
+        "missing_pt": ["convert", "--to-dcp", pt, out],
+        "pt_not_dict": ["convert", "--to-dcp", pt, out],
+        "corrupt_pt": ["convert", "--to-dcp", pt, out],
+        "keys_with_to_dcp": ["convert", "--to-dcp", pt, out, "--keys", "a"],
+    }[case]
+    if case == "pt_not_dict":
+        torch.save([torch.ones(1)], pt)
+    elif case == "corrupt_pt":
+        open(pt, "wb").write(b"PK\x03\x04 not really a zip")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dcplan: error:") and match in err, err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_missing_empty_load_plugin_is_a_clear_error(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dcplan_empty_load", None)
+    assert main(["convert", ckpt, str(tmp_path / "o.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install dcplan-empty-load" in err and "\n" not in err
+    assert not os.path.exists(tmp_path / "o.pt")
+
+
+def test_cli_module_does_not_import_the_plugin():
+    import subprocess
+
+    code = ("import sys, dcplan.cli as c; c.build_parser(); "
+            "print('dcplan_empty_load' in sys.modules, 'dcplan_partial_load' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "False"
