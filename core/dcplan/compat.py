@@ -279,6 +279,8 @@ def weights_only_load(fileobj: Any, extra_globals: Sequence[Any] = ()) -> Any:
     """
     ser = torch.serialization
     extra = list(extra_globals)
+    if not _safe_globals_take_names():  # 2.4/2.5: entries must be bare objects (named by __module__)
+        extra = [e[0] if isinstance(e, tuple) else e for e in extra]
     ctx = getattr(ser, "safe_globals", None)
     if ctx is not None:
         with ctx(extra):
@@ -292,6 +294,22 @@ def weights_only_load(fileobj: Any, extra_globals: Sequence[Any] = ()) -> Any:
     finally:  # pragma: no cover - torch 2.4
         ser.clear_safe_globals()
         ser.add_safe_globals(prev)
+
+
+_TAKES_NAMES: list[bool] = []
+
+
+def _safe_globals_take_names() -> bool:
+    """Whether safe-globals entries may be ``(obj, "module.name")`` pairs (2.6+)."""
+    if not _TAKES_NAMES:
+        try:
+            from torch import _weights_only_unpickler as wou
+
+            src = inspect.getsource(wou._get_user_allowed_globals)
+            _TAKES_NAMES.append("tuple" in src)
+        except (AttributeError, OSError, TypeError):  # pragma: no cover - no source: be conservative
+            _TAKES_NAMES.append(False)
+    return _TAKES_NAMES[0]
 
 
 def unsafe_globals_in(fileobj: Any) -> list[str] | None:

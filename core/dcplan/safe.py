@@ -88,6 +88,9 @@ _NUMPY_GLOBALS = (
     ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"),
     ("numpy.ndarray",),
     ("numpy.dtype",),
+    # protocol-2 pickles of numpy bytes go through _codecs.encode (a pure data transform);
+    # torch >= 2.6 admits it by default, older torch needs it for np.random.get_state()
+    ("_codecs.encode",),
 )
 
 
