@@ -3,7 +3,7 @@
 The busiest rank sets the pace of a save, so the report compares its bytes with
 a lower bound on what *any* assignment of whole items could achieve. The bound
 is the divisible relaxation of restricted assignment
-(``/work/shared/reference/peers.md`` section 5):
+(``/work/shared/reference/peers.md`` section 5)::
 
     LB = max( max_j p_j,  max_i L_i,  max_j (p_j + min_{i in M_j} L_i),
               max_K [sum_{i in K} L_i + sum_{j: M_j subset of K} p_j] / |K| )

@@ -1,4 +1,4 @@
-"""Build synthetic ``SavePlan``s without processes (tests, benchmarks, the kit)."""
+"""Build synthetic ``SavePlan`` objects without processes (tests, benchmarks, the kit)."""
 
 from __future__ import annotations
 
