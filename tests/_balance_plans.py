@@ -94,3 +94,23 @@ def check_dedup(local: Sequence[SavePlan], out: Sequence[SavePlan]) -> None:
     for fqn, size in sizes.items():
         expected = 1 if size is None else math.prod(size)
         assert written.get(fqn, 0) == expected, fqn
+
+
+def plan_digest() -> str:
+    """A hash of every strategy's plans on small workloads (compared across PYTHONHASHSEEDs)."""
+    import hashlib
+
+    import dcplan
+    from dcplan import workloads
+
+    h = hashlib.sha256()
+    for layout, model, world in [("ddp", "tiny", 7), ("hsdp2", "tiny", 6), ("tp2pp2dp3", "tiny", None), ("fsdp", "tiny", 5)]:
+        plans = workloads.make(layout, model, world).plans
+        for name, opts in [
+            ("size_balanced", {}),
+            ("size_balanced", {"mode": "torch"}),
+            ("split", {"min_slice_bytes": 64}),
+            ("lowest_rank", {}),
+        ]:
+            h.update(repr(snapshot(dcplan.dedup(plans, name, **opts))).encode())
+    return h.hexdigest()

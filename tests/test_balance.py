@@ -17,7 +17,7 @@ from dcplan.report import build_report, index_plans
 from dcplan.testing.plans import bytes_item, tensor_item
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _balance_plans import check_dedup, layouts, snapshot  # noqa: E402
+from _balance_plans import check_dedup, layouts, plan_digest, snapshot  # noqa: E402
 
 from dcplan_size_balanced import _torch_weight, balanced, size_balanced, torch_parity  # noqa: E402
 
@@ -138,30 +138,13 @@ def test_every_strategy_writes_each_item_once_deterministically_without_mutation
         assert snapshot(plans) == before
 
 
-_HASH_SCRIPT = """
-import hashlib, sys
-import dcplan
-from dcplan import workloads
-sys.path.insert(0, {tests!r})
-from _balance_plans import snapshot
-h = hashlib.sha256()
-for layout, model, world in [("ddp", "tiny", 7), ("hsdp2", "tiny", 6), ("tp2pp2dp3", "tiny", None), ("fsdp", "tiny", 5)]:
-    plans = workloads.make(layout, model, world).plans
-    for name, opts in [("size_balanced", {{}}), ("size_balanced", {{"mode": "torch"}}), ("split", {{"min_slice_bytes": 64}}),
-                       ("lowest_rank", {{}})]:
-        h.update(repr(snapshot(dcplan.dedup(plans, name, **opts))).encode())
-print(h.hexdigest())
-"""
-
-
 def test_same_plan_whatever_the_hash_seed() -> None:
-    script = _HASH_SCRIPT.format(tests=str(Path(__file__).parent))
-    digests = set()
-    for seed in ("1", "2"):
-        env = {**os.environ, "PYTHONHASHSEED": seed}
-        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        digests.add(res.stdout.strip())
-    assert len(digests) == 1
+    here = plan_digest()
+    script = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _balance_plans as b; print(b.plan_digest())"
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == here
 
 
 #: the benchmark layouts at test scale (benchmarks/run.py runs them at 64-4096 ranks)

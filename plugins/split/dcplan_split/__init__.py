@@ -1,0 +1,243 @@
+"""dcplan-split: split large replicated tensors so that every holder writes a slice.
+
+Whole-item assignment cannot beat its lower bound (an item that holds 30 % of a
+replica group's bytes makes one rank write at least that). Splitting removes
+the limit: a replicated tensor is cut into contiguous slices along its first
+dimension of size > 1 and each slice is written by a different holder, so the
+busiest rank gets within one slice boundary of the ideal level.
+
+Algorithm, per replica group (distinct holder set, fewest holders first):
+
+1. every rank's fixed load (items only it holds) is counted first;
+2. items that are too small to split (``< 2 * min_slice_bytes``, 0-d tensors,
+   non-tensor objects) are assigned whole, largest first, to the least-loaded
+   holder (ties: lowest rank), as ``size_balanced``'s ``balanced`` mode does;
+3. the remaining bytes ``P`` define the group's water level ``T`` (the smallest
+   level at which the holders' free room ``sum max(0, T - load)`` takes ``P``);
+4. the large items, largest first, are poured across the holders in rank order
+   (McNaughton's wrap-around rule): a holder takes bytes until it reaches ``T``,
+   the item's next rows go to the next holder. Cuts are on row boundaries;
+   slices smaller than ``min_slice_bytes`` are merged into a neighbour and an
+   item is cut into at most ``max_slices`` slices.
+
+A split item becomes ``WriteItemType.SHARD`` items whose chunks are the slices
+(offsets/sizes inside the held chunk), so the checkpoint's metadata lists the
+slices as chunks. Any loader reads it: dcplan's, torch's ``DefaultLoadPlanner``
+(bit-exact), and loads into other world sizes. Saving needs
+``dcplan.SavePlanner``, whose ``resolve_data`` narrows a held tensor to a
+slice (torch's planner can only resolve whole local chunks).
+
+Options (``strategy_options``): ``min_slice_bytes`` (default 1 MiB) and
+``max_slices`` (default 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+
+import dcplan
+from dcplan.compat import replace_plan
+from dcplan.report import PlanIndex, index_plans
+
+__all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES"]
+
+DEFAULT_MIN_SLICE_BYTES = 1 << 20
+DEFAULT_MAX_SLICES = 64
+
+
+def water_level(loads: Sequence[int], extra: int) -> int:
+    """The smallest integer ``T`` with ``sum(max(0, T - l) for l in loads) >= extra``."""
+    if extra <= 0 or not loads:
+        return min(loads, default=0)
+    ls = sorted(loads)
+    total = 0
+    for i, lo in enumerate(ls):
+        total += lo
+        t = -(-(extra + total) // (i + 1))
+        if i + 1 == len(ls) or t <= ls[i + 1]:
+            return t
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _split_dim(item: WriteItem) -> int | None:
+    td = item.tensor_data
+    if td is None or td.chunk is None:
+        return None
+    for d, s in enumerate(td.chunk.sizes):
+        if s > 1:
+            return d
+    return None
+
+
+def _merge_small(pieces: list[list[int]], row_bytes: int, min_bytes: int, max_slices: int) -> None:
+    """Merge slices ``[rank, lo, hi]`` smaller than ``min_bytes`` (and beyond ``max_slices``) into a neighbour."""
+    while len(pieces) > 1:
+        sizes = [(hi - lo) * row_bytes for _, lo, hi in pieces]
+        i = min(range(len(pieces)), key=lambda j: (sizes[j], j))
+        if sizes[i] >= min_bytes and len(pieces) <= max_slices:
+            return
+        if i == 0:
+            j = 1
+        elif i == len(pieces) - 1:
+            j = i - 1
+        else:
+            j = i - 1 if sizes[i - 1] <= sizes[i + 1] else i + 1
+        lo = min(pieces[i][1], pieces[j][1])
+        hi = max(pieces[i][2], pieces[j][2])
+        pieces[j][1], pieces[j][2] = lo, hi
+        del pieces[i]
+
+
+def _piece(item: WriteItem, dim: int, lo: int, hi: int) -> WriteItem:
+    td = item.tensor_data
+    assert td is not None and td.chunk is not None
+    offsets = list(td.chunk.offsets)
+    sizes = list(td.chunk.sizes)
+    offsets[dim] += lo
+    sizes[dim] = hi - lo
+    off = torch.Size(offsets)
+    chunk = ChunkStorageMetadata(offsets=off, sizes=torch.Size(sizes))
+    return dataclasses.replace(
+        item,
+        index=MetadataIndex(item.index.fqn, off),
+        type=WriteItemType.SHARD,
+        tensor_data=dataclasses.replace(td, chunk=chunk),
+    )
+
+
+def split_pieces(
+    idx: PlanIndex, min_slice_bytes: int, max_slices: int
+) -> tuple[list[int], dict[int, list[tuple[int, WriteItem]]]]:
+    """Owners of whole items (``-1`` for split ones) and, per split key, its ``(rank, slice item)`` list."""
+    holders = idx.holders
+    nb = idx.nbytes
+    load = idx.fixed_loads()
+    owner = [h[0] for h in holders]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, hs in enumerate(holders):
+        if len(hs) > 1:
+            groups.setdefault(tuple(hs), []).append(k)
+    pieces_of: dict[int, list[tuple[int, WriteItem]]] = {}
+    threshold = 2 * min_slice_bytes
+    for g in sorted(groups, key=lambda t: (len(t), t)):
+        ks = groups[g]
+        whole: list[int] = []
+        big: list[tuple[int, int]] = []
+        for k in ks:
+            dim = _split_dim(idx.first[k]) if nb[k] >= threshold else None
+            if dim is None:
+                whole.append(k)
+            else:
+                big.append((k, dim))
+        # 2. whole items: largest first to the least-loaded holder (ties: lowest rank)
+        whole.sort(key=lambda k: (-nb[k], k))
+        heap = [(load[r], r) for r in g]
+        heapq.heapify(heap)
+        for k in whole:
+            r = heap[0][1]
+            owner[k] = r
+            load[r] += nb[k]
+            heapq.heapreplace(heap, (load[r], r))
+        if not big:
+            continue
+        # 3. water level for the splittable bytes
+        big.sort(key=lambda kd: (-nb[kd[0]], kd[0]))
+        total = sum(nb[k] for k, _ in big)
+        level = water_level([load[r] for r in g], total)
+        bounds = []
+        acc = 0
+        for r in g:
+            acc += max(0, level - load[r])
+            bounds.append(acc)
+        # 4. pour in rank order, cutting at row boundaries
+        j = 0
+        pos = 0
+        last = len(g) - 1
+        for k, dim in big:
+            item = idx.first[k]
+            td = item.tensor_data
+            assert td is not None
+            rows = td.chunk.sizes[dim]
+            p = nb[k]
+            row_bytes = p // rows
+            while j < last and bounds[j] <= pos:
+                j += 1
+            cur: list[list[int]] = []
+            start = 0
+            jj = j
+            while start < rows:
+                if jj == last or bounds[jj] >= pos + p:
+                    cur.append([g[jj], start, rows])
+                    break
+                cut = min(rows, max(start, round((bounds[jj] - pos) / row_bytes)))
+                if cut > start:
+                    cur.append([g[jj], start, cut])
+                start = cut
+                jj += 1
+            pos += p
+            _merge_small(cur, row_bytes, min_slice_bytes, max_slices)
+            for r, lo, hi in cur:
+                load[r] += (hi - lo) * row_bytes
+            if len(cur) == 1:
+                owner[k] = cur[0][0]
+                continue
+            owner[k] = -1
+            pieces_of[k] = [(r, _piece(item, dim, lo, hi)) for r, lo, hi in cur]
+    return owner, pieces_of
+
+
+def _check_options(min_slice_bytes: Any, max_slices: Any) -> None:
+    for name, value in (("min_slice_bytes", min_slice_bytes), ("max_slices", max_slices)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"split: {name} must be an integer >= 1, got {value!r} "
+                f"(e.g. strategy_options = {{{name} = {DEFAULT_MIN_SLICE_BYTES if name == 'min_slice_bytes' else 8}}})"
+            )
+
+
+def split(
+    all_plans: Sequence[SavePlan],
+    min_slice_bytes: int = DEFAULT_MIN_SLICE_BYTES,
+    max_slices: int = DEFAULT_MAX_SLICES,
+) -> list[SavePlan]:
+    """Dedup that splits large replicated tensors into one contiguous slice per holder (see module doc)."""
+    _check_options(min_slice_bytes, max_slices)
+    idx = index_plans(all_plans)
+    owner, pieces_of = split_pieces(idx, min_slice_bytes, max_slices)
+    by_rank: dict[tuple[int, int], list[WriteItem]] = {}
+    for k, ps in pieces_of.items():
+        for r, it in ps:
+            by_rank.setdefault((r, k), []).append(it)
+    out = []
+    for rank, (plan, ids) in enumerate(zip(all_plans, idx.ids)):
+        items: list[WriteItem] = []
+        for it, k in zip(plan.items, ids):
+            o = owner[k]
+            if o == rank:
+                items.append(it)
+            elif o == -1:
+                items.extend(by_rank.pop((rank, k), ()))
+        out.append(replace_plan(plan, items=items))
+    return out
+
+
+@dcplan.hookimpl
+def dcplan_register_strategies() -> list[dcplan.Strategy]:
+    return [
+        dcplan.Strategy(
+            name="split",
+            func=split,
+            description=(
+                "large replicated tensors are cut into contiguous slices, one per holder, so every "
+                "holder writes its share (needs dcplan.SavePlanner to save; any loader reads it)"
+            ),
+            options={"min_slice_bytes": DEFAULT_MIN_SLICE_BYTES, "max_slices": DEFAULT_MAX_SLICES},
+        )
+    ]
