@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import pathlib
 import pickle
 import random
 import sys
@@ -198,7 +200,9 @@ def _training_state() -> dict:
         "optim": opt.state_dict(),
         "sched": sched.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-        "plain": {"i": 3, "f": 0.25, "s": "text", "l": [1, "a", None], "d": {"k": (1, 2.0)}, "b": True},
+        "plain": {"i": 3, "f": 0.25, "s": "text", "l": [1, "a", None], "d": {"k": (1, 2.0)}, "b": True,
+                  "set": {3, 1}, "fs": frozenset({"a"}), "c": 1 - 2j, "ba": bytearray(b"xy"), "by": b"\x00z",
+                  "path": pathlib.Path("/data/run-1"), "od": collections.OrderedDict(z=1, a=2)},
         "np": {"arr": np.arange(6, dtype=np.int16).reshape(2, 3), "f64": np.float64(1.5), "i32": np.int32(-4)},
     }
 

@@ -92,16 +92,27 @@ _NUMPY_GLOBALS = (
     # torch >= 2.6 admits it by default, older torch needs it for np.random.get_state()
     ("_codecs.encode",),
 )
+#: Plain data types torch 2.4 blocks (2.6+ admits the builtins) and paths, which configs hold.
+_PLAIN_GLOBALS = (
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.complex",
+    "builtins.bytearray",
+    "pathlib.PosixPath",
+    "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath",
+)
 
 
 def default_safe_globals() -> list[Any]:
     """What dcplan admits for non-tensor items on top of torch's weights-only defaults.
 
-    NumPy arrays, scalars and dtypes (so ``np.random.get_state()`` and metrics round-trip),
+    Sets, frozensets, complex numbers, bytearrays and ``pathlib`` paths (pure data;
+    torch 2.4 blocks the builtins, every torch blocks paths). NumPy arrays, scalars and dtypes (so ``np.random.get_state()`` and metrics round-trip),
     when NumPy is installed. Object arrays stay safe: their elements go through the same
     restricted unpickler.
     """
-    out: list[Any] = []
+    out: list[Any] = [(compat.import_object(name), name) for name in _PLAIN_GLOBALS]
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a dependency
