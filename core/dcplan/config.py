@@ -79,8 +79,10 @@ class Config:
             env ``DCPLAN_STRATEGY_OPTIONS='{"mode": "torch"}'`` or ``mode=torch``).
         partial_load: skip state-dict keys the checkpoint lacks instead of failing
             (needs ``dcplan-partial-load``). Env: ``DCPLAN_PARTIAL_LOAD``.
-        skip_mismatch_keys: keys (fnmatch patterns) allowed to be skipped on a
-            shape/dtype mismatch during a partial load.
+        skip_mismatch_keys: keys (fnmatch patterns, flattened or nested spelling)
+            left untouched when their shape differs from the checkpoint's, instead
+            of failing the load (needs ``dcplan-partial-load``; dtype differences
+            are cast, as torch does, and only reported).
         plan_cache: reuse save plans across saves of an unchanged structure.
         plan_cache_size: how many cache entries (namespaces) to keep.
         cache_namespace: the cache namespace; default derived from the state dict.

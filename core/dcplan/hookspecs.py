@@ -223,8 +223,12 @@ def dcplan_create_local_load_plan(
 ) -> LoadPlan | None:
     """Create this rank's load plan.
 
-    :param planner: the load planner (``planner.skip_keys`` holds the keys the
-        missing-keys policy and shape policy chose to skip).
+    :param planner: the load planner. ``planner.skip_keys`` holds the keys the
+        missing-keys policy chose to skip; ``planner.mismatches`` lists the
+        requested tensors whose shape or dtype differs from the checkpoint's
+        (:class:`dcplan.load_planner.Mismatch`). An implementation may add keys
+        to ``planner.skip_keys`` and return ``None`` to let the next one build
+        the plan (``dcplan-partial-load`` does this for ``skip_mismatch_keys``).
     :param state_dict: the flattened state dict to fill.
     :param metadata: the checkpoint metadata.
     :returns: a ``LoadPlan`` of read items, or ``None`` to defer. The built-in

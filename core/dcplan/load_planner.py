@@ -17,6 +17,7 @@ it once (logger ``dcplan``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -365,7 +366,7 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
             planner=self, state_dict=self.state_dict, metadata=self.metadata
         )
         self.report = self._local_report()
-        plan = compat.replace_plan(plan, planner_data={REPORT_KEY: self.report})
+        plan = dataclasses.replace(plan, planner_data={REPORT_KEY: self.report})
         self.plan = plan
         return plan
 
@@ -393,7 +394,7 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
                 level = logging.WARNING if rep.missing or rep.mismatched else logging.INFO
                 level = logging.DEBUG if rep.clean else level
                 log.log(level, "%s", self.report.format())
-        plans = [compat.replace_plan(p, planner_data=None) for p in global_plan]
+        plans = [dataclasses.replace(p, planner_data=None) for p in global_plan]
         return self.hook.dcplan_create_global_load_plan(planner=self, all_plans=plans)
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
