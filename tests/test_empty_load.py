@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 sys.path.insert(0, os.path.dirname(__file__))
 
 import _load_fns as fns  # noqa: E402
+
 import dcplan  # noqa: E402
 from dcplan import compat  # noqa: E402
 from dcplan.cli import main as cli_main  # noqa: E402

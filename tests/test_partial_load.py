@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 sys.path.insert(0, os.path.dirname(__file__))
 
 import _load_fns as fns  # noqa: E402
+
 import dcplan  # noqa: E402
 from dcplan.load_planner import LoadReport, Mismatch  # noqa: E402
 from dcplan.testing.procs import GlooPool  # noqa: E402
@@ -181,3 +182,19 @@ def test_report_merge_unions_missing_and_intersects_unexpected():
     text = merged.format()
     assert "y (d['y'])" in text and "shape (2,) in the checkpoint vs (3,) requested" in text
     assert LoadReport.merge([]).ranks == 0
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_report_is_logged_once_by_the_coordinator(small_ckpt, caplog):
+    sd = {"model": {"w": torch.zeros(2, 3), "new": torch.zeros(1)}}
+    with caplog.at_level("DEBUG", logger="dcplan"):
+        dcp.load(sd, storage_reader=dcplan.FileSystemReader(small_ckpt), planner=dcplan.LoadPlanner(partial_load=True))
+    records = [r for r in caplog.records if "dcplan load report" in r.getMessage()]
+    assert len(records) == 1 and records[0].levelname == "WARNING"
+    assert "model.new" in records[0].getMessage() and "model.b" in records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="dcplan"):
+        dcp.load({"model": {"w": torch.zeros(2, 3), "b": torch.zeros(2)}, "optim": {
+            "state": {0: {"m": torch.zeros(3)}}, "param_groups": [{"lr": None, "params": None}]}},
+            storage_reader=dcplan.FileSystemReader(small_ckpt), planner=dcplan.LoadPlanner(report=False))
+    assert not [r for r in caplog.records if "dcplan load report" in r.getMessage()]

@@ -22,8 +22,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import dcplan
 import torch
+
+import dcplan
 from dcplan import compat
 from dcplan.errors import DcplanError
 from dcplan.safe import FileSystemReader
