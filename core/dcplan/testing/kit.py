@@ -44,6 +44,7 @@ __all__ = [
     "check_strategy",
     "describe_workload",
     "plan_digest",
+    "save_and_load",
     "standard_workloads",
     "workloads",
 ]
@@ -540,7 +541,16 @@ _DONE = "--dcplan-kit-done--"
 def _answer(request: str) -> None:
     """Serve one request file: ``(spec, options, batch, dst)`` -> pickled ``(status, digests)`` in ``dst``."""
     with open(request, "rb") as fh:
-        spec, options, batch, dst = pickle.load(fh)
+        spec, options, batch, dst, paths = pickle.load(fh)
+    new = [p for p in paths if p not in sys.path]
+    if new:  # the caller's sys.path grew (e.g. a test put a package on it): see its modules and plugins
+        import importlib
+
+        sys.path.extend(new)
+        importlib.invalidate_caches()
+        from dcplan.manager import reset_plugin_manager
+
+        reset_plugin_manager()
     try:
         _, func, opts = _resolve(spec[1], options)
         digests = [plan_digest(func([copy.deepcopy(p) for p in plans], **opts)) for plans in batch]
@@ -564,8 +574,8 @@ def _serve() -> None:  # pragma: no cover - runs in a subprocess
 class _SeedWorker:
     """A Python subprocess with a fixed ``PYTHONHASHSEED``, reused by every check in this process.
 
-    Importing torch costs seconds, so each (seed, sys.path, DCPLAN_* env) gets one
-    worker for the life of the test session.
+    Importing torch costs seconds, so each (seed, DCPLAN_* env) gets one worker for
+    the life of the test session; every request carries the caller's ``sys.path``.
     """
 
     def __init__(self, seed: int, env: dict[str, str]) -> None:
@@ -628,7 +638,7 @@ def _worker(seed: int) -> _SeedWorker:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("PYTHONHASHSEED", None)
-    key = (seed, env["PYTHONPATH"], tuple(sorted((k, v) for k, v in env.items() if k.startswith("DCPLAN_"))))
+    key = (seed, tuple(sorted((k, v) for k, v in env.items() if k.startswith("DCPLAN_"))))
     w = _workers.get(key)
     if w is None or w.proc.poll() is not None:
         w = _workers[key] = _SeedWorker(seed, env)
@@ -662,7 +672,7 @@ def check_hash_seed_determinism(
             src = os.path.join(tmp, f"in{seed}.pkl")
             dst = os.path.join(tmp, f"out{seed}.pkl")
             with open(src, "wb") as fh:
-                pickle.dump((spec, dict(options or {}), batch, dst), fh)
+                pickle.dump((spec, dict(options or {}), batch, dst, [p for p in sys.path if p]), fh)
             worker.send(src)
             sent.append((seed, dst, worker))
         for seed, dst, worker in sent:
@@ -768,3 +778,66 @@ def check_strategy(
         hash_seeds=tuple(hash_seeds),
         last_report=last[0],
     )
+
+
+# ------------------------------------------------------------------ hooks in one process
+def save_and_load(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    plugins: Sequence[Any] = (),
+    load_into: dict[str, Any] | None = None,
+    entry_points: bool = True,
+    **config: Any,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Save ``state_dict`` with ``dcp.save`` and load it back with ``dcp.load``, in this process.
+
+    For testing hook plugins without processes: DCP runs the whole protocol in
+    one process when no process group is initialised (this process is the
+    coordinator), so every hook runs. ``plugins`` are registered on a fresh
+    plugin manager next to the installed ones.
+
+    :param state_dict: what to save.
+    :param path: the checkpoint directory.
+    :param plugins: plugin objects (modules, classes, instances with ``@dcplan.hookimpl``
+        methods), or ``(name, plugin)`` pairs.
+    :param load_into: the state dict to load into; default: a copy of ``state_dict``
+        with every tensor zeroed.
+    :param entry_points: also load the installed plugins (their strategies).
+    :param config: :class:`dcplan.Config` keys for both planners, e.g. ``strategy="torch"``.
+    :returns: ``(save_planner, load_planner, loaded_state_dict)``.
+    """
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from dcplan.load_planner import LoadPlanner
+    from dcplan.manager import DcplanPluginManager
+    from dcplan.save_planner import SavePlanner
+
+    named = []
+    for n, plugin in enumerate(plugins):
+        if isinstance(plugin, tuple):
+            named.append(plugin)
+        else:
+            named.append((f"{getattr(plugin, '__name__', type(plugin).__name__)}-{n}", plugin))
+    pm = DcplanPluginManager(entry_points=entry_points, extra_plugins=named)
+    if load_into is None:
+        load_into = copy.deepcopy(state_dict)
+
+        def _zero(d: Any) -> None:
+            for v in d.values() if isinstance(d, dict) else []:
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
+                else:
+                    _zero(v)
+
+        _zero(load_into)
+    save_planner = SavePlanner(plugin_manager=pm, **config)
+    load_planner = LoadPlanner(plugin_manager=pm, **config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.save(state_dict, checkpoint_id=os.fspath(path), planner=save_planner)
+        dcp.load(load_into, checkpoint_id=os.fspath(path), planner=load_planner)
+    return save_planner, load_planner, load_into
