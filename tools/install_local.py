@@ -7,6 +7,10 @@ found by glob and need no ``tox.ini`` edit.
     python tools/install_local.py                    # plugins/*/
     python tools/install_local.py --extra examples/dcplan-node-local
 
+Each project is copied to a temporary folder first (without ``build/`` and
+``*.egg-info``): stale build output in a working tree never leaks into a wheel, and
+parallel tox environments never build in the same folder at once.
+
 ``dcplan`` itself is installed by tox (its package build of the root
 ``pyproject.toml``) before this runs; the plugins are installed with
 ``--no-deps`` so pip never replaces it (or torch) with something from an index,
@@ -16,8 +20,10 @@ and ``pip check`` then proves their declared dependencies are satisfied.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         dirs.append(path)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--quiet"]
-    cmd += [str(d) for d in dirs]
     print("install_local:", " ".join(str(d.relative_to(ROOT)) for d in dirs), flush=True)
-    rc = subprocess.call(cmd)
+    ignore = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".tox", ".pytest_cache")
+    with tempfile.TemporaryDirectory(prefix="dcplan-install-") as tmp:
+        copies = []
+        for d in dirs:
+            dst = Path(tmp) / d.name
+            shutil.copytree(d, dst, ignore=ignore)
+            copies.append(str(dst))
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--quiet", *copies]
+        rc = subprocess.call(cmd)
     if rc:
         return rc
     return subprocess.call([sys.executable, "-m", "pip", "check"])

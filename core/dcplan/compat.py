@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -105,8 +105,11 @@ def plan_usable(plan: SavePlan) -> bool:
     return bool(getattr(plan, "usable", True))
 
 
-def replace_plan(plan: SavePlan, **changes: Any) -> SavePlan:
-    """``dataclasses.replace`` that drops fields this torch does not have."""
+_PlanT = TypeVar("_PlanT", SavePlan, LoadPlan)
+
+
+def replace_plan(plan: _PlanT, **changes: Any) -> _PlanT:
+    """``dataclasses.replace`` that drops fields this torch does not have (``usable``: 2.7+)."""
     names = _fields(type(plan))
     return dataclasses.replace(plan, **{k: v for k, v in changes.items() if k in names})
 
@@ -337,3 +340,57 @@ def finish_read_metadata(reader: Any, metadata: Metadata) -> Metadata:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = reader.load_id
     return metadata
+
+
+# ---------------------------------------------------------------- .metadata written by a newer torch
+#: How many fields this torch's ``TensorProperties`` pickles (5 up to 2.14, 6 with strides from 2.15).
+TENSOR_PROPERTIES_FIELDS = len(TensorProperties().__getstate__())
+
+
+def newer_metadata_message(n_fields: int) -> str:
+    """Why a ``.metadata`` with ``n_fields``-field ``TensorProperties`` cannot be read here, and what to do."""
+    return (
+        f"this checkpoint's .metadata was written by a newer torch (>= 2.15: its TensorProperties carry "
+        f"{n_fields} fields, strides included) and torch {torch.__version__} reads only the "
+        f"{TENSOR_PROPERTIES_FIELDS}-field format of torch <= 2.14. Load it with torch >= 2.15 "
+        f"(pip install 'torch>=2.15'), or save it with torch <= 2.14"
+    )
+
+
+def install_metadata_format_guard() -> bool:
+    """Make torch <= 2.14 refuse a 2.15 ``.metadata`` with a dcplan error.
+
+    torch <= 2.14 unpacks exactly five ``TensorProperties`` fields, so a 2.15 checkpoint
+    fails deep in unpickling with ``ValueError: too many values to unpack``, on every
+    rank, whichever reader is used. This wraps ``TensorProperties.__setstate__`` so such
+    a state raises :class:`dcplan.safe.MetadataVersionError` (a ``ValueError``) that
+    names both versions and the fix. States torch can read go to torch's own
+    ``__setstate__`` unchanged. Installed when ``dcplan`` is imported; idempotent; a
+    no-op on torch >= 2.15 (which reads both formats).
+
+    :returns: whether the guard is active.
+    """
+    if HAS_STRIDES:
+        return False
+    current = TensorProperties.__dict__.get("__setstate__")
+    if current is None:  # pragma: no cover - every torch from 2.2 to 2.14 defines it
+        return False
+    if getattr(current, "_dcplan_guard", False):
+        return True
+    known = TENSOR_PROPERTIES_FIELDS
+
+    def __setstate__(self: Any, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > known:
+            from dcplan.safe import MetadataVersionError
+
+            raise MetadataVersionError(newer_metadata_message(len(state)))
+        current(self, state)
+
+    __setstate__._dcplan_guard = True  # type: ignore[attr-defined]
+    __setstate__.__wrapped__ = current  # type: ignore[attr-defined]
+    __setstate__.__doc__ = current.__doc__
+    TensorProperties.__setstate__ = __setstate__  # type: ignore[method-assign]
+    return True
+
+
+METADATA_FORMAT_GUARD = install_metadata_format_guard()

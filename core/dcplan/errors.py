@@ -12,7 +12,6 @@ __all__ = [
     "PlanMismatchError",
     "PlanValidationError",
     "MissingKeysError",
-    "CheckpointFormatError",
 ]
 
 
@@ -86,7 +85,3 @@ class MissingKeysError(DcplanError, RuntimeError):
 
     def __reduce__(self) -> tuple:  # type: ignore[type-arg]
         return (type(self), (self.missing, self.nested))
-
-
-class CheckpointFormatError(DcplanError, ValueError):
-    """The checkpoint was written in a format this torch cannot read (e.g. torch 2.15 metadata on 2.14)."""

@@ -323,7 +323,7 @@ def read_metadata_file(
             metadata = pickle.load(stream)
         else:
             metadata = _MetadataUnpickler(stream, allowed).load()
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, MetadataVersionError):  # the latter: compat.install_metadata_format_guard
         raise
     except (EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointReadError(

@@ -136,7 +136,7 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
     """Load a reference checkpoint in this process and verify it.
 
     :returns: ``("ok", "")``; ``("refused", message)`` when this torch cannot read the
-        writer's format and dcplan said so clearly (:class:`~dcplan.errors.CheckpointFormatError`
+        writer's format and dcplan said so clearly (:class:`~dcplan.safe.MetadataVersionError`
         naming this torch's version); or ``("bad", details)`` for anything else.
     """
     import torch
@@ -144,7 +144,7 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
 
     import dcplan
     from dcplan import compat
-    from dcplan.errors import CheckpointFormatError
+    from dcplan.safe import MetadataVersionError
 
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
@@ -155,8 +155,8 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
         dcp.load(sd, checkpoint_id=str(path), planner=dcplan.LoadPlanner())
     except Exception as exc:  # noqa: BLE001 - classified below
         text = f"{type(exc).__name__}: {exc}"
-        if unreadable and CheckpointFormatError.__name__ in text and torch.__version__ in text:
-            msg = [line for line in text.splitlines() if CheckpointFormatError.__name__ in line]
+        if unreadable and MetadataVersionError.__name__ in text and torch.__version__ in text:
+            msg = [line for line in text.splitlines() if MetadataVersionError.__name__ in line]
             return "refused", msg[-1].strip()
         return "bad", text
     if unreadable:
