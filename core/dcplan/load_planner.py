@@ -198,6 +198,14 @@ def _user_path(root: Any, path: Sequence[Any]) -> list[Any]:
     return out
 
 
+def _strip_report(plan: LoadPlan) -> LoadPlan:
+    pd = plan.planner_data
+    if not isinstance(pd, dict) or REPORT_KEY not in pd:
+        return plan
+    rest = {k: v for k, v in pd.items() if k != REPORT_KEY}
+    return dataclasses.replace(plan, planner_data=rest or None)
+
+
 class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
     """Drop-in ``LoadPlanner`` whose steps run through dcplan's hooks.
 
@@ -366,7 +374,9 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
             planner=self, state_dict=self.state_dict, metadata=self.metadata
         )
         self.report = self._local_report()
-        plan = dataclasses.replace(plan, planner_data={REPORT_KEY: self.report})
+        pd = plan.planner_data
+        if pd is None or isinstance(pd, dict):  # another plugin's planner_data is kept as it is
+            plan = dataclasses.replace(plan, planner_data={**(pd or {}), REPORT_KEY: self.report})
         self.plan = plan
         return plan
 
@@ -394,7 +404,7 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
                 level = logging.WARNING if rep.missing or rep.mismatched else logging.INFO
                 level = logging.DEBUG if rep.clean else level
                 log.log(level, "%s", self.report.format())
-        plans = [dataclasses.replace(p, planner_data=None) for p in global_plan]
+        plans = [_strip_report(p) for p in global_plan]
         return self.hook.dcplan_create_global_load_plan(planner=self, all_plans=plans)
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
