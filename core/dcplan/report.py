@@ -36,6 +36,7 @@ __all__ = [
     "PlanReport",
     "build_report",
     "compare_table",
+    "divisible_lower_bound",
     "fast_nbytes",
     "fmt_bytes",
     "holders_and_sizes",
@@ -171,8 +172,8 @@ def holders_and_sizes(
     )
 
 
-def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[int]) -> tuple[int, str]:
-    """The lower bound and which term set it."""
+def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[int]) -> tuple[int, str, int]:
+    """The whole-item lower bound, which term set it, and the divisible bound (no per-item terms)."""
     fixed = [0] * world_size
     group_bytes: dict[tuple[int, ...], int] = {}
     group_max: dict[tuple[int, ...], int] = {}
@@ -188,11 +189,12 @@ def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[in
             if p > group_max.get(t, -1):
                 group_max[t] = p
     lb, why = 0, "empty plan"
-    if biggest > lb:
-        lb, why = biggest, "largest item"
     for r, f in enumerate(fixed):
         if f > lb:
             lb, why = f, f"fixed load of rank {r}"
+    div = lb
+    if biggest > lb:
+        lb, why = biggest, "largest item"
     for g, p in group_max.items():
         t = p + min(fixed[i] for i in g)
         if t > lb:
@@ -214,9 +216,10 @@ def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[in
     for gi, g in enumerate(groups):
         total = sum(fixed[i] for i in g) + inside[gi]
         t = -(-total // len(g))
+        div = max(div, t)
         if t > lb:
             lb, why = t, f"replica group of {len(g)} ranks ({g[0]}..{g[-1]})"
-    return lb, why
+    return lb, why, div
 
 
 def lower_bound(world_size: int, holders: Mapping[Any, Sequence[int]], sizes: Mapping[Any, int]) -> int:
@@ -228,6 +231,12 @@ def lower_bound(world_size: int, holders: Mapping[Any, Sequence[int]], sizes: Ma
     """
     keys = list(holders)
     return _bound(world_size, [holders[k] for k in keys], [sizes[k] for k in keys])[0]
+
+
+def divisible_lower_bound(world_size: int, holders: Mapping[Any, Sequence[int]], sizes: Mapping[Any, int]) -> int:
+    """The lower bound when items may be split anywhere (fixed loads and replica-group averages only)."""
+    keys = list(holders)
+    return _bound(world_size, [holders[k] for k in keys], [sizes[k] for k in keys])[2]
 
 
 @attrs.frozen
@@ -243,6 +252,13 @@ class PlanReport:
     strategy: str = ""
     total_bytes: int = 0
     bound_reason: str = ""
+    #: the bound when items may be split (``split`` can go below ``lower_bound``, never below this)
+    divisible_bound: int = 0
+
+    @property
+    def divisible_ratio(self) -> float:
+        """Busiest rank / divisible bound: how close a splitting strategy is to perfect."""
+        return self.busiest_bytes / self.divisible_bound if self.divisible_bound else 1.0
 
     @property
     def world_size(self) -> int:
@@ -311,7 +327,7 @@ def build_report(
     per_rank = [sum(map(fast_nbytes, p.items)) for p in global_plan]
     items = [len(p.items) for p in global_plan]
     idx = index if index is not None else index_plans(local_plans)
-    lb, why = _bound(max(world, idx.world_size), idx.holders, idx.nbytes)
+    lb, why, div = _bound(max(world, idx.world_size), idx.holders, idx.nbytes)
     busiest = min(range(world), key=lambda r: (-per_rank[r], r)) if world else 0
     top = per_rank[busiest] if world else 0
     ratio = (top / lb) if lb else 1.0
@@ -325,6 +341,7 @@ def build_report(
         strategy=strategy,
         total_bytes=sum(per_rank),
         bound_reason=why,
+        divisible_bound=div,
     )
 
 
