@@ -82,11 +82,20 @@ def test_pytest_plugin_is_registered_through_the_entry_point(request):
     assert plugin is not None and plugin.__name__ == "dcplan.testing.pytest_plugin"
 
 
-@pytest.mark.parametrize("name", ["torch", "lowest_rank", "size_balanced"])
-def test_installed_strategies_conform(dcplan_conformance, name):
+INSTALLED = [
+    ("torch", None),
+    ("lowest_rank", None),
+    ("size_balanced", None),
+    ("size_balanced", {"mode": "torch"}),
+    ("split", {"min_slice_bytes": 1}),  # small slices, so that the kit's small tensors are split
+]
+
+
+@pytest.mark.parametrize(("name", "options"), INSTALLED, ids=[f"{n}-{o}" if o else n for n, o in INSTALLED])
+def test_installed_strategies_conform(dcplan_conformance, name, options):
     from dcplan.manager import get_plugin_manager
 
     if name not in get_plugin_manager().strategy_names():
         pytest.skip(f"strategy {name!r} is not installed")
-    result = dcplan_conformance(name)
+    result = dcplan_conformance(name, options, max_examples=100 if options is None else 60)
     assert result.strategy == name and result.examples > 0 and result.hash_seed_workloads > 0
