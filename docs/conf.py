@@ -33,7 +33,7 @@ autodoc2_packages = [
         "module": "dcplan",
     }
 ]
-autodoc2_render_plugin = "rst"
+autodoc2_render_plugin = "myst"
 autodoc2_hidden_objects = ["private", "dunder", "inherited"]
 autodoc2_docstring_parser_regexes = [(r".*", "napoleon_rst")]
 # re-exported names (dcplan.Config is dcplan.config.Config) are documented once, where they are defined
