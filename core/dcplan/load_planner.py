@@ -248,6 +248,9 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
         self.metadata: Metadata | None = None
         self.is_coordinator = False
         self._check_partial_load_plugin()
+        from dcplan.safe import check_trusted_globals
+
+        check_trusted_globals(self.config)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -39,6 +39,7 @@ __all__ = [
     "FileSystemReader",
     "MetadataVersionError",
     "UnsafeCheckpointError",
+    "check_trusted_globals",
     "collect_safe_globals",
     "default_safe_globals",
     "load_object",
@@ -148,6 +149,15 @@ def _resolve(entry: Any, source: str) -> tuple[Any, str]:
             ) from None
     name = f"{getattr(entry, '__module__', '?')}.{getattr(entry, '__qualname__', getattr(entry, '__name__', '?'))}"
     return entry, name
+
+
+def check_trusted_globals(config: Config) -> None:
+    """Import every ``trusted_globals`` name now, so a typo fails when a planner or reader is built.
+
+    :raises ConfigError: naming the name that cannot be imported.
+    """
+    for name in config.trusted_globals:
+        _resolve(name, "trusted_globals")
 
 
 def collect_safe_globals(config: Config | None = None, plugin_manager: Any = None) -> list[tuple[Any, str]]:
@@ -376,6 +386,7 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
             cfg_keys["trust_checkpoint"] = trust
         super().__init__(path, *args, **overrides)
         self.config, _ = resolve_config(config, cfg_keys)
+        check_trusted_globals(self.config)
         self._pm = plugin_manager
 
     def __getstate__(self) -> dict[str, Any]:
