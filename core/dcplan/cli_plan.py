@@ -1,0 +1,194 @@
+"""``dcplan plan``: the plan report of synthetic workloads, without processes.
+
+Builds the local plans a layout produces (:mod:`dcplan.workloads`), runs
+torch's ``dedup_save_plans`` (both modes) and every registered dcplan strategy
+on them, and prints one row per strategy (busiest rank vs the lower bound) and
+the per-rank bytes of the chosen strategy::
+
+    dcplan plan --layout ddp --model 70b --ranks 64
+    dcplan plan --layout tp8pp8dp64 --model 70b --plot bytes.png
+    dcplan plan --layout hsdp8 --model 7b --ranks 512 --strategy split --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["register", "run_plan", "strategy_runs"]
+
+
+def strategy_runs(
+    names: Sequence[str] | None = None,
+) -> list[tuple[str, Callable[[Sequence[Any]], list[Any]]]]:
+    """``(row name, dedup function)`` for torch's two modes and every (or the named) registered strategy.
+
+    ``size_balanced`` also gets a ``size_balanced[mode=torch]`` row.
+    """
+    from dcplan import compat
+    from dcplan.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    runs: list[tuple[str, Callable[[Sequence[Any]], list[Any]]]] = [
+        ("torch dedup_save_plans", lambda plans: compat.torch_dedup_save_plans(plans)),
+        ("torch save_to_lowest_rank", lambda plans: compat.torch_dedup_save_plans(plans, save_to_lowest_rank=True)),
+    ]
+    for name in names if names is not None else pm.strategy_names():
+        strat = pm.get_strategy(name)
+        runs.append((name, lambda plans, s=strat: list(s(plans))))
+        if name == "size_balanced" and strat.options.get("mode") == "balanced":
+            runs.append((f"{name}[mode=torch]", lambda plans, s=strat: list(s(plans, mode="torch"))))
+    return runs
+
+
+def run_plan(
+    layout: str,
+    model: str,
+    ranks: int | None,
+    *,
+    adam: bool = True,
+    strategies: Sequence[str] | None = None,
+) -> tuple[Any, dict[str, Any], dict[str, float], dict[str, str]]:
+    """Build the workload and report every strategy on it.
+
+    :returns: ``(workload, reports by row name, seconds by row name, errors by row name)``.
+    """
+    from dcplan import workloads
+    from dcplan.report import build_report, index_plans
+
+    wl = workloads.make(layout, model, ranks, adam=adam)
+    idx = index_plans(wl.plans)
+    reports: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for name, fn in strategy_runs(strategies):
+        t0 = time.perf_counter()
+        try:
+            out = fn(wl.plans)
+        except Exception as exc:  # noqa: BLE001 - one broken strategy must not hide the others
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        seconds[name] = time.perf_counter() - t0
+        reports[name] = build_report(wl.plans, out, name, index=idx)
+    return wl, reports, seconds, errors
+
+
+def plot_reports(reports: dict[str, Any], path: str, title: str) -> None:
+    """Bar charts of bytes per rank, one panel per report, with the lower bound as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from dcplan.errors import DcplanError
+
+        raise DcplanError(
+            "dcplan plan --plot needs matplotlib, which is not installed; install the optional extra: "
+            "pip install 'dcplan[plot]'"
+        ) from None
+    n = len(reports)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n + 0.6), sharex=True, squeeze=False)
+    for ax, (name, rep) in zip(axes[:, 0], reports.items()):
+        ranks = list(range(len(rep.bytes_per_rank)))
+        gib = [b / 2**30 for b in rep.bytes_per_rank]
+        ax.bar(ranks, gib, width=1.0, color="tab:blue" if rep.ratio <= 1.08 else "tab:red", linewidth=0)
+        ax.axhline(rep.lower_bound / 2**30, color="black", linestyle="--", linewidth=1, label="lower bound")
+        ax.set_ylabel("GiB")
+        ax.set_title(f"{name}: busiest / lower bound = {rep.ratio:.3f}", fontsize=9, loc="left")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("rank")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dcplan import workloads
+    from dcplan.config import resolve_config
+    from dcplan.report import compare_table, fmt_bytes
+
+    try:
+        kind, _ = workloads.parse(args.layout)
+    except ValueError as exc:
+        print(f"dcplan plan: error: {exc}", file=sys.stderr)
+        return 2
+    if kind != "tp_pp_dp" and args.ranks is None:
+        print(f"dcplan plan: error: layout {args.layout!r} needs --ranks N (e.g. --ranks 64)", file=sys.stderr)
+        return 2
+    if args.model.lower() not in workloads.MODELS:
+        print(f"dcplan plan: error: unknown --model {args.model!r}; choose one of: {', '.join(workloads.MODELS)}",
+              file=sys.stderr)
+        return 2
+    shown = args.strategy or resolve_config()[0].strategy
+    try:
+        wl, reports, seconds, errors = run_plan(
+            args.layout, args.model.lower(), args.ranks, adam=not args.no_adam, strategies=args.only
+        )
+    except ValueError as exc:
+        print(f"dcplan plan: error: {exc}", file=sys.stderr)
+        return 2
+    if shown not in reports:
+        print(f"dcplan plan: error: strategy {shown!r} was not run; choose one of: {', '.join(reports)}",
+              file=sys.stderr)
+        return 2
+    if args.plot:
+        keep = {k: v for k, v in reports.items() if k in ("torch dedup_save_plans", shown, "split")}
+        plot_reports(keep, args.plot, wl.name)
+    if args.json:
+        out = {
+            "workload": wl.name,
+            "world_size": wl.world_size,
+            "entries": wl.entries,
+            "strategies": {k: {**r.to_dict(), "seconds": seconds[k]} for k, r in reports.items()},
+            "errors": errors,
+        }
+        if not args.per_rank:
+            for v in out["strategies"].values():
+                v.pop("bytes_per_rank")
+                v.pop("items_per_rank")
+        print(json.dumps(out, indent=2))
+        return 0
+    any_rep = next(iter(reports.values()))
+    print(
+        f"workload: {wl.name}: {wl.world_size} ranks, {wl.entries:,} plan entries, "
+        f"{fmt_bytes(any_rep.total_bytes)} to write; lower bound {fmt_bytes(any_rep.lower_bound)} "
+        f"({any_rep.bound_reason})"
+    )
+    print()
+    print(compare_table(reports))
+    for name, err in errors.items():
+        print(f"{name:<28} error: {err}")
+    print()
+    print(f"bytes per rank with {shown}:")
+    print(reports[shown].table(max_rows=args.max_rows))
+    if args.plot:
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dcplan plan`` to the CLI (auto-discovered by :mod:`dcplan.cli`)."""
+    p = subparsers.add_parser(
+        "plan",
+        help="plan report of synthetic workloads (DDP, FSDP, HSDP, TPxPPxDP) for every strategy, no processes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--layout", default="ddp", help="ddp, fsdp, hsdp[N] (shard group N, default 8) or tp<T>pp<P>dp<D>")
+    p.add_argument("--model", default="7b", help="model size: tiny, 125m, 1b, 7b, 8b, 13b, 70b (default 7b)")
+    p.add_argument("-n", "--ranks", type=int, default=None, help="rank count (ddp/fsdp/hsdp)")
+    p.add_argument("--no-adam", action="store_true", help="parameters only, no Adam states")
+    p.add_argument("--strategy", default=None, help="strategy whose per-rank bytes are shown (default: config's)")
+    p.add_argument("--only", action="append", default=None, metavar="NAME",
+                   help="run only this registered strategy (repeatable; torch's two modes always run)")
+    p.add_argument("--max-rows", type=int, default=32, help="per-rank rows shown (busiest and idlest beyond it)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of bytes per rank (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--per-rank", action="store_true", help="with --json: include bytes/items per rank")
+    p.set_defaults(func=_cmd_plan)
