@@ -102,3 +102,7 @@ def test_installed_strategies_conform(dcplan_conformance, name, options):
         pytest.skip(f"strategy {name!r} is not installed")
     result = dcplan_conformance(name, options, max_examples=100 if options is None else 60)
     assert result.strategy == name and result.examples > 0 and result.hash_seed_workloads > 0
+
+
+# the one-line, module-level form a plugin author can use instead of the fixture
+test_conformance_test_helper = kit.conformance_test(broken.good_lowest, max_examples=30, hash_seeds=())

@@ -42,6 +42,7 @@ __all__ = [
     "check_plans",
     "check_hash_seed_determinism",
     "check_strategy",
+    "conformance_test",
     "describe_workload",
     "plan_digest",
     "save_and_load",
@@ -778,6 +779,21 @@ def check_strategy(
         hash_seeds=tuple(hash_seeds),
         last_report=last[0],
     )
+
+
+def conformance_test(strategy: Any, options: Mapping[str, Any] | None = None, **settings: Any) -> Callable[[], None]:
+    """A ready-made test function, for one line at module level of a test file::
+
+        test_my_strategy_conforms = conformance_test(my_strategy, {"mode": "fast"})
+
+    :param settings: keyword arguments of :func:`check_strategy`.
+    """
+
+    def test() -> None:
+        check_strategy(strategy, options, **settings)
+
+    test.__doc__ = f"{strategy!r} honours dcplan's strategy contract (dcplan.testing.kit)"
+    return test
 
 
 # ------------------------------------------------------------------ hooks in one process
