@@ -16,18 +16,19 @@ import sys
 from typing import Any
 
 import attrs
-import dcplan
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint import FileSystemWriter
+
+import dcplan
 from dcplan import compat, planning
 from dcplan.cache import CacheAck, CacheMsg, CacheStore, PlanCache, PlanCacheError, default_namespace, plan_fingerprint
 from dcplan.errors import PlanValidationError
 from dcplan.manager import DcplanPluginManager, hookimpl
 from dcplan.save_planner import RankPayload
 from dcplan.testing.plans import tensor_item
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from torch.distributed.checkpoint import FileSystemWriter
 
 # ----------------------------------------------------------------- simulation
 
@@ -108,9 +109,13 @@ class Sim:
             self.planners[rank] = p
         return self.planners[rank]
 
-    def save(self, state_dicts: list[dict[str, Any]], fresh: bool = True) -> SaveResult:
+    def save(
+        self, state_dicts: list[dict[str, Any]], fresh: bool = True, ranks: list[int] | None = None
+    ) -> SaveResult:
+        """One ``dcp.save``; ``ranks`` names the simulated processes taking part (default: 0..N-1),
+        the first one coordinating."""
         world = len(state_dicts)
-        planners = [self.planner(r, fresh) for r in range(world)]
+        planners = [self.planner(r, fresh) for r in (ranks or range(world))]
         local = []
         for r, (p, sd) in enumerate(zip(planners, state_dicts)):
             p.set_up_planner(sd, storage_meta=None, is_coordinator=r == 0)
@@ -547,3 +552,34 @@ def test_default_namespace(pm: DcplanPluginManager) -> None:
 def test_messages_pickle() -> None:
     for obj in (CacheMsg("f", True, ("g", 1)), CacheAck("g", 2, 1, ("g",), ("g", 1))):
         assert _wire(obj) == obj
+
+
+@pytest.mark.parametrize("namespace", [None, "per-group"])
+def test_processes_in_several_groups(tmp_path: Any, pm: DcplanPluginManager, namespace: str | None) -> None:
+    """Group A = processes [0, 1] (0 coordinates), group B = [2, 1] (2 coordinates), and process 1 also
+    saves alone (it coordinates itself). With a namespace per group every repeated round hits; with
+    the default namespace process 1 cannot tell A from B at first: at most one save fails cleanly
+    (PlanCacheError, nothing written), its retry works, and later rounds hit."""
+    warm = Sim(str(tmp_path), pm, cached=True)
+    cold = Sim(str(tmp_path), pm, cached=False)
+    sd = [{"w": torch.zeros(4), "x": torch.zeros(2)}, {"w": torch.zeros(4)}]
+    outcomes = []
+    errors = 0
+    for _ in range(4):
+        for ranks in ([0, 1], [2, 1], [1]):
+            if namespace is not None:
+                warm.config = attrs.evolve(warm.config, cache_namespace=f"group{ranks[0]}")
+            states = sd[: len(ranks)]
+            try:
+                got = warm.save(states, ranks=ranks)
+            except PlanCacheError:
+                errors += 1
+                got = warm.save(states, ranks=ranks)
+            _same_structure(got, cold.save(states))
+            outcomes.append(got.coordinator.cache.outcome)
+    if namespace is not None:
+        assert errors == 0
+        assert outcomes[3:] == ["hit"] * 9
+    else:
+        assert errors <= 1
+        assert outcomes[-6:] == ["hit"] * 6

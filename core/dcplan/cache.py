@@ -193,12 +193,16 @@ class CacheMsg:
         plan with fingerprint ``fp``.
     :param have: ``(generation, position)`` of every entry this rank holds and
         could reuse.
+    :param full: the plan's items were sent anyway (always when changed; also
+        when unchanged but the rank has answered to several coordinators, so a
+        coordinator that cannot resolve ``have`` can still plan).
     """
 
     fp: str
     ns: str = ""
     unchanged: bool = False
     have: tuple[Ref, ...] = ()
+    full: bool = True
 
 
 @attrs.frozen
@@ -267,6 +271,8 @@ class CacheStore:
         self.rank: OrderedDict[str, _RankEntry] = OrderedDict()
         self.coord: dict[int, OrderedDict[str, _CoordEntry]] = {}
         self.in_flight = False
+        #: per explicit namespace (or None), the other coordinators this rank got answers from
+        self.issuers: dict[str | None, set[str]] = {}
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "markers_sent": 0, "plans_sent": 0, "resets": 0}
 
     def new_gen(self) -> str:
@@ -287,11 +293,13 @@ class CacheStore:
     def live(self, world: int) -> tuple[str, ...]:
         return tuple(sorted(e.gen for e in self.coord.get(world, {}).values()))
 
-    def clear(self) -> None:
+    def clear(self, forget_issuers: bool = True) -> None:
         with self.lock:
             self.rank.clear()
             self.coord.clear()
             self.in_flight = False
+            if forget_issuers:
+                self.issuers.clear()
 
     def __repr__(self) -> str:
         worlds = {w: len(s) for w, s in sorted(self.coord.items())}
@@ -414,14 +422,17 @@ class PlanCache:
                 if e.tag == tag and store.issued(e.gen) == is_coord and (not is_coord or store.find(e.gen))
             }
             unchanged = any(e.fp == fp for e in have.values())
-            store.stats["markers_sent" if unchanged else "plans_sent"] += 1
+            # a process that answered to several coordinators under one namespace cannot tell which one
+            # this save has: it sends its plan along with the marker (the coordinator may still hit)
+            full = not unchanged or (not is_coord and len(store.issuers.get(tag, ())) > 1)
+            store.stats["plans_sent" if full else "markers_sent"] += 1
         self._own_ns = ns
         self._pending = _Pending(store, fp, tag, have)
-        msg = CacheMsg(fp=fp, ns=ns, unchanged=unchanged, have=tuple(sorted(have)))
-        self.sent = "marker" if unchanged else "plan"
-        if unchanged:
-            return _marker_plan(None), msg
-        return plan, msg
+        msg = CacheMsg(fp=fp, ns=ns, unchanged=unchanged, have=tuple(sorted(have)), full=full)
+        self.sent = "plan" if full else "marker"
+        if full:
+            return plan, msg
+        return _marker_plan(None), msg
 
     # -- coordinator ---------------------------------------------------
     def _collect(self, payloads: Sequence[Any]) -> list[CacheMsg]:
@@ -494,7 +505,7 @@ class PlanCache:
         out: list[SavePlan] = []
         with store.lock:
             for r, (plan, payload, m) in enumerate(zip(all_plans, payloads, msgs)):
-                if not m.unchanged:
+                if m.full:
                     out.append(compat.replace_plan(plan, planner_data=payload.mapping))
                     continue
                 local = None
@@ -504,7 +515,7 @@ class PlanCache:
                         local = src.local_plans[pos]
                         break
                 if local is None:
-                    store.clear()
+                    store.clear(forget_issuers=False)
                     store.stats["resets"] += 1
                     raise PlanCacheError(
                         f"dcplan plan cache: rank {r} sent an 'unchanged' marker for a plan this coordinator "
@@ -589,9 +600,11 @@ class PlanCache:
         with store.lock:
             store.rank.pop(ack.gen, None)
             store.rank[ack.gen] = _RankEntry(ack.gen, ack.world, ack.pos, pending.fp, final, pending.tag)
+            issuer = ack.gen.split(".", 1)[0]
+            if issuer != store.id:
+                store.issuers.setdefault(pending.tag, set()).add(issuer)
             if ack.live is not None:
                 live = set(ack.live)
-                issuer = ack.gen.split(".", 1)[0]
                 stale = [
                     g
                     for g, e in store.rank.items()
