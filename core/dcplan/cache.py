@@ -338,6 +338,19 @@ def clear_plan_caches() -> None:
         s.clear()
 
 
+def _copy_plan(plan: SavePlan) -> SavePlan:
+    """A plan whose item list can be mutated without touching the cache (items are frozen)."""
+    return dataclasses.replace(plan, items=list(plan.items))
+
+
+def _copy_metadata(md: Metadata) -> Metadata:
+    """A metadata whose attributes and top-level dicts can be mutated without touching the cache."""
+    changes: dict[str, Any] = {"state_dict_metadata": dict(md.state_dict_metadata)}
+    if isinstance(md.planner_data, dict):
+        changes["planner_data"] = dict(md.planner_data)
+    return dataclasses.replace(md, **changes)
+
+
 def _marker_plan(planner_data: Any) -> SavePlan:
     return compat.replace_plan(SavePlan([]), planner_data=planner_data, usable=False)
 
@@ -481,7 +494,7 @@ class PlanCache:
         delta = [_marker_plan(CacheAck(gen=gen, world=world, pos=r, reuse=(gen, r))) for r in range(world)]
         planner.report = found.report
         self._publish_report(planner)
-        return delta, list(found.global_plan), dataclasses.replace(found.metadata)
+        return delta, [_copy_plan(p) for p in found.global_plan], _copy_metadata(found.metadata)
 
     def _publish_report(self, planner: Any) -> None:
         report = planner.report
@@ -524,7 +537,7 @@ class PlanCache:
                         "cache namespace. Nothing was written and the plan cache was reset: retry the save, "
                         "and give each process group its own cache_namespace."
                     )
-                out.append(local)
+                out.append(_copy_plan(local))
         return out
 
     def commit_global(
@@ -552,10 +565,10 @@ class PlanCache:
             entry = _CoordEntry(
                 gen=store.new_gen(),
                 fps=tuple(m.fp for m in msgs),
-                local_plans=tuple(local_plans),
-                global_plan=list(global_plan),
+                local_plans=tuple(_copy_plan(p) for p in local_plans),
+                global_plan=[_copy_plan(p) for p in global_plan],
                 global_fps=global_fps,
-                metadata=dataclasses.replace(metadata),  # the storage writer mutates the one it gets
+                metadata=_copy_metadata(metadata),  # the storage writer mutates the one it gets
                 report=getattr(planner, "report", None),
             )
             slots = store.coord.setdefault(world, OrderedDict())
@@ -594,12 +607,12 @@ class PlanCache:
                     f"dcplan plan cache: the coordinator told this rank to reuse cached plan {ack.reuse}, which "
                     "it does not hold; the cache was reset, retry the save"
                 )
-            final = compat.replace_plan(src.final, storage_data=central_plan.storage_data)
+            final = compat.replace_plan(src.final, storage_data=central_plan.storage_data, items=list(src.final.items))
         else:
             final = compat.replace_plan(central_plan, planner_data=None, usable=True)
         with store.lock:
             store.rank.pop(ack.gen, None)
-            store.rank[ack.gen] = _RankEntry(ack.gen, ack.world, ack.pos, pending.fp, final, pending.tag)
+            store.rank[ack.gen] = _RankEntry(ack.gen, ack.world, ack.pos, pending.fp, _copy_plan(final), pending.tag)
             issuer = ack.gen.split(".", 1)[0]
             if issuer != store.id:
                 store.issuers.setdefault(pending.tag, set()).add(issuer)
