@@ -380,7 +380,6 @@ class PlanCache:
         self.sent: str | None = None
         self._pending: _Pending | None = None
         self._msgs: list[CacheMsg] | None = None
-        self._own_ns: str | None = None
 
     @classmethod
     def for_config(cls, config: Config) -> PlanCache:
@@ -439,7 +438,6 @@ class PlanCache:
             # this save has: it sends its plan along with the marker (the coordinator may still hit)
             full = not unchanged or (not is_coord and len(store.issuers.get(tag, ())) > 1)
             store.stats["plans_sent" if full else "markers_sent"] += 1
-        self._own_ns = ns
         self._pending = _Pending(store, fp, tag, have)
         msg = CacheMsg(fp=fp, ns=ns, unchanged=unchanged, have=tuple(sorted(have)), full=full)
         self.sent = "plan" if full else "marker"
