@@ -243,7 +243,7 @@ def scenario_st(draw: Any) -> dict[str, Any]:
         models["o"] = tuple(attrs.evolve(k, name="o_" + k.name.replace("/", "_")) for k in other)
     steps = []
     worlds = dict.fromkeys(models, world)
-    for _ in range(draw(st.integers(2, 8))):
+    for _ in range(draw(st.integers(2, 6))):
         which = draw(st.sampled_from(sorted(models)))
         op = draw(st.sampled_from(MUTATIONS))
         bad = op == "invalid"
@@ -293,7 +293,7 @@ def run_scenario(sc: dict[str, Any], tmp: str) -> dict[str, int]:
     return counts
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenario_st())
 def test_cached_saves_equal_cold_saves(tmp_path_factory: Any, sc: dict[str, Any]) -> None:
     run_scenario(sc, str(tmp_path_factory.getbasetemp()))

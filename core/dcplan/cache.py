@@ -1,54 +1,61 @@
 """Save-plan caching that is correct, agreed across ranks, and cheap on a hit.
 
 Enable it with ``plan_cache = true`` (config, ``DCPLAN_PLAN_CACHE=1`` or
-``SavePlanner(plan_cache=True)``). It is off by default.
+``SavePlanner(plan_cache=True)``); ``plan_cache_size`` bounds the entries. It
+is off by default.
 
 What is cached
 ==============
 
 Every rank fingerprints its full local plan: every item's fqn, offsets, chunk
-sizes, global size, tensor properties (dtype...), item type and recorded bytes
-size, the flattening mapping, the planner's agreement (strategy, options,
-plugin set), its class and its whole config. When the fingerprint equals the
-one of the rank's last successful plan, the rank sends a tiny "unchanged"
-marker (an empty ``SavePlan`` whose ``planner_data`` carries a
-:class:`CacheMsg`) instead of its plan. This works on every torch: the marker
-is ours, ``SavePlan.usable`` (2.7+) is only set as a courtesy.
+sizes, global size, tensor properties (dtype...), item type, recorded bytes
+size and index hint, the flattening mapping, the planner's agreement
+(strategy, options, plugin set), its class and its whole config. When the
+fingerprint equals the one of a plan this rank holds from an earlier
+successful save, the rank sends a small "unchanged" marker (an empty
+``SavePlan`` whose ``planner_data`` carries a :class:`CacheMsg`) instead of its
+plan. This works on every torch: the marker is ours; ``SavePlan.usable``
+(2.7+) is only set as a courtesy.
 
-The coordinator keeps, per world size, a bounded LRU of *entries*, one per
-namespace (``cache_namespace``; by default a digest of the top-level keys of
-the state dict being saved, so that model and optimizer saves get separate
-entries). An entry holds every rank's local plan and fingerprint, the global
-plan, the metadata and the plan report, under a fresh *generation* id.
+The coordinator keeps, per world size, an LRU of ``plan_cache_size`` *entries*
+keyed by namespace (``cache_namespace``; by default a digest of every rank's
+top-level state-dict keys, so model and optimizer saves get separate entries).
+An entry holds every rank's local plan and fingerprint, the global plan, the
+metadata and the plan report under a fresh, globally unique *generation*.
+Ranks keep the final plans they received, by generation.
 
-* **Hit**: every rank sent a marker for the coordinator's current entry of
-  this namespace and world size, at its own position. The coordinator reuses
-  the global plan, metadata and report without running dedup, metadata or
+* **Hit**: every rank sent a marker naming one entry of this world size, at
+  its own position, with the same fingerprint. The coordinator reuses the
+  global plan, metadata and report without running dedup, metadata or
   validation, and scatters markers back; each rank reuses its cached final
-  plan (with the ``storage_data`` the storage writer assigned this time, so a
+  plan with the ``storage_data`` the storage writer assigned this time (so a
   new checkpoint path is fine).
-* **Miss**: anything else (a rank changed, new namespace, new world size, a
-  rank with no entry). The coordinator rebuilds the full local plans (the
-  changed ranks sent theirs; unchanged ones are looked up by fingerprint in its
+* **Miss**: anything else (a rank changed, new namespace or world size, a
+  rank without an entry). The coordinator rebuilds the full local plans (the
+  changed ranks sent theirs; unchanged ones are found by fingerprint in its
   entries), replans from scratch, and only then commits a new entry. Ranks
-  whose final plan did not change still get a marker.
+  whose final plan did not change get a marker back.
 
 Agreement and failures
 ======================
 
 * Hit or miss is decided by the coordinator alone and scattered to every rank,
-  so ranks cannot disagree.
+  so ranks cannot disagree; a marker is resolved by content (fingerprint), not
+  by trust.
 * Entries are written only after the global plan has fully succeeded
   (dedup, metadata, validation, report); a rank commits its entry when it
   receives the coordinator's answer in ``finish_plan``.
 * A save that fails between a rank's local plan and its ``finish_plan`` leaves
   a flag behind; the next save on that rank drops its entries and sends its
   full plan. Every answer of the coordinator lists the generations it still
-  holds for that world size and ranks drop the others, so a rank only ever
-  sends a marker that the coordinator can resolve. If it cannot anyway (the
-  coordinator process restarted, or one process saves through several process
-  groups under the same namespace) the save fails before any byte is written,
-  with :class:`PlanCacheError`, the cache is reset and a retry succeeds.
+  holds for that world size and ranks drop the others, so a rank only sends a
+  marker that its coordinator can resolve.
+* If one cannot be resolved anyway (the coordinator process restarted, or a
+  process saves through several process groups under one namespace and meets
+  a new coordinator), the save fails before any byte is written with
+  :class:`PlanCacheError`, the cache is reset and a retry succeeds. A process
+  that has answered to several coordinators under one namespace sends its plan
+  along with its marker from then on, so this happens at most once.
 * A plan whose *write* failed is still a correct plan for that structure, so
   it stays cached.
 
@@ -61,6 +68,9 @@ Limits
 * A cached final plan keeps its items; only ``storage_data`` is refreshed from
   the storage writer's ``prepare_global_plan`` of this save. Writers whose
   ``storage_data`` depends on the items themselves should not use the cache.
+* Every rank still builds and fingerprints its local plan on each save (that
+  is how it knows nothing changed); the saving is on the coordinator and in
+  what is gathered and scattered.
 """
 
 from __future__ import annotations
