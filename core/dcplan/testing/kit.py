@@ -277,7 +277,7 @@ def check_plans(
                         for r, idx in enumerate(by_rank_fqn)
                         for cand in idx.get(fqn, ())
                         if (ch is None and _chunk(cand) is None) or (
-                            ch is not None and _chunk(cand) is not None and _contains(_chunk(cand), ch)
+                            ch is not None and _contains(_chunk(cand) or ((), ()), ch)
                         )
                     }
                 )
@@ -418,7 +418,7 @@ def _resolve(
     if isinstance(strategy, Strategy):
         return name or strategy.name, strategy.func, strategy.resolve_options(options)
     if callable(strategy):
-        return name or getattr(strategy, "__name__", "strategy"), strategy, dict(options or {})
+        return name or str(getattr(strategy, "__name__", "strategy")), strategy, dict(options or {})
     raise TypeError(
         f"expected a strategy function, a dcplan.Strategy or a registered strategy name, got {strategy!r}"
     )
