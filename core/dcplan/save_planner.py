@@ -196,6 +196,12 @@ class SavePlanner(compat.DefaultSavePlanner):  # type: ignore[misc]
 
     def plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
         """Dedup, metadata, validation and report on full local plans (no caching)."""
+        from dcplan.planning import paused_gc
+
+        with paused_gc():
+            return self._plan_global(local_plans)
+
+    def _plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
         deduped = self.hook.dcplan_dedup(
             all_plans=local_plans, strategy=self.strategy, options=self.strategy_options, config=self.config
         )

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 
 import dcplan
+from dcplan.planning import paused_gc
 from dcplan.report import PlanIndex, index_plans
 
 __all__ = ["balanced", "torch_parity", "size_balanced", "MODES"]
@@ -112,9 +113,11 @@ def torch_parity(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
 def size_balanced(all_plans: Sequence[SavePlan], mode: str = "balanced") -> list[SavePlan]:
     """The ``size_balanced`` strategy; ``mode`` is ``"balanced"`` (default) or ``"torch"``."""
     if mode == "balanced":
-        return balanced(all_plans)
+        with paused_gc():
+            return balanced(all_plans)
     if mode == "torch":
-        return torch_parity(all_plans)
+        with paused_gc():
+            return torch_parity(all_plans)
     raise ValueError(
         f"size_balanced: unknown mode {mode!r}; choose one of: {', '.join(MODES)} "
         '(e.g. strategy_options = {mode = "balanced"})'

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemT
 
 import dcplan
 from dcplan.compat import replace_plan
+from dcplan.planning import paused_gc
 from dcplan.report import PlanIndex, index_plans
 
 __all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES"]
@@ -209,6 +210,11 @@ def split(
 ) -> list[SavePlan]:
     """Dedup that splits large replicated tensors into one contiguous slice per holder (see module doc)."""
     _check_options(min_slice_bytes, max_slices)
+    with paused_gc():
+        return _split(all_plans, min_slice_bytes, max_slices)
+
+
+def _split(all_plans: Sequence[SavePlan], min_slice_bytes: int, max_slices: int) -> list[SavePlan]:
     idx = index_plans(all_plans)
     owner, pieces_of = split_pieces(idx, min_slice_bytes, max_slices)
     by_rank: dict[tuple[int, int], list[WriteItem]] = {}
