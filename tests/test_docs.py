@@ -58,10 +58,10 @@ def test_python_blocks_run(page):
         exec(compile(block, f"docs/{page}", "exec"), namespace)  # noqa: S102
 
 
-def test_toml_blocks_parse():
-    for page in sorted(DOCS.glob("*.md")):
-        for body in blocks(page.name, "toml"):
-            tomllib.loads(body)
+@pytest.mark.parametrize("page", ["quickstart.md", "configuration.md", "writing-a-plugin.md"])
+def test_toml_blocks_parse(page):
+    for body in blocks(page, "toml"):
+        tomllib.loads(body)
 
 
 def test_plugin_guide_is_a_working_package(tmp_path, monkeypatch):
