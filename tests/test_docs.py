@@ -64,6 +64,20 @@ def test_toml_blocks_parse(page):
         tomllib.loads(body)
 
 
+@pytest.mark.parametrize("page", ["quickstart.md", "configuration.md"])
+def test_config_examples_are_valid_config(page):
+    """The dcplan.toml / [tool.dcplan] examples use real keys and valid values."""
+    from dcplan.config import Config
+
+    found = 0
+    for body in blocks(page, "toml"):
+        data = tomllib.loads(body)
+        data = data.get("tool", {}).get("dcplan", data)
+        Config(**data)
+        found += 1
+    assert found
+
+
 def test_plugin_guide_is_a_working_package(tmp_path, monkeypatch):
     files = file_blocks("writing-a-plugin.md")
     assert {"pyproject.toml", "src/dcplan_highest_rank/__init__.py", "tests/test_highest_rank.py"} <= set(files)
