@@ -38,6 +38,7 @@ __all__ = [
     "PlanIndex",
     "PlanReport",
     "build_report",
+    "clear_index_cache",
     "compare_table",
     "divisible_lower_bound",
     "fast_nbytes",
@@ -161,6 +162,13 @@ class PlanIndex:
 
 _cache_lock = threading.Lock()
 _cache: tuple[list[weakref.ref[Any]], list[int], PlanIndex] | None = None
+
+
+def clear_index_cache() -> None:
+    """Forget the remembered :class:`PlanIndex` (benchmarks time cold runs)."""
+    global _cache
+    with _cache_lock:
+        _cache = None
 
 
 def index_plans(all_plans: Sequence[SavePlan]) -> PlanIndex:

@@ -370,9 +370,8 @@ STANDARD: tuple[tuple[str, str, int | None], ...] = (
 QUICK: tuple[tuple[str, str, int | None], ...] = (
     ("ddp", "7b", 8),
     ("ddp", "70b", 64),
-    ("fsdp", "7b", 64),
+    ("fsdp", "1b", 32),
     ("hsdp8", "7b", 64),
-    ("tp8pp4dp4", "13b", None),
     ("tp2pp2dp16", "7b", None),
 )
 
