@@ -273,10 +273,18 @@ def run_scenario(sc: dict[str, Any], tmp: str) -> dict[str, int]:
     warm = Sim(tmp, pm, cached=True, strategy=sc["strategy"], plan_cache_size=sc["size"])
     previous: Any = None
     counts = {"hits": 0, "misses": 0, "errors": 0}
+    refs: dict[Any, Any] = {}  # a cold planner keeps no state: one run per distinct state suffices
     for which, world, keys, bad, _op in sc["steps"]:
         states = build_states(world, keys, bad)
         try:
-            ref = cold.save(states)
+            if (world, keys, bad) not in refs:
+                try:
+                    refs[world, keys, bad] = cold.save(states)
+                except PlanValidationError as exc:
+                    refs[world, keys, bad] = exc
+            ref = refs[world, keys, bad]
+            if isinstance(ref, PlanValidationError):
+                raise ref
         except PlanValidationError:
             with pytest.raises(PlanValidationError):
                 warm.save(states, fresh=sc["fresh"])
@@ -478,8 +486,8 @@ def test_storage_data_refreshed_on_hit(tmp_path: Any, pm: DcplanPluginManager) -
 
 def test_bytes_item_size_is_part_of_the_key(tmp_path: Any, pm: DcplanPluginManager) -> None:
     sim = Sim(str(tmp_path), pm, cached=True)
-    sim.save(_replicated(2, {"obj": {"a": 1}, "w": torch.zeros(2)}))
-    got = sim.save(_replicated(2, {"obj": {"a": 1, "b": "x" * 100}, "w": torch.zeros(2)}))
+    sim.save(_replicated(2, {"obj": "x", "w": torch.zeros(2)}))
+    got = sim.save(_replicated(2, {"obj": "x" * 100, "w": torch.zeros(2)}))
     expected = "miss" if compat.HAS_BYTES_IO_DATA else "hit"  # sizes are recorded from torch 2.8
     assert got.coordinator.cache.outcome == expected
 
