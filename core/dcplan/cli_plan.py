@@ -33,15 +33,28 @@ def strategy_runs(
     from dcplan.manager import get_plugin_manager
 
     pm = get_plugin_manager()
+
+    def torch_default(plans: Sequence[Any]) -> list[Any]:
+        return compat.torch_dedup_save_plans(plans)
+
+    def torch_lowest(plans: Sequence[Any]) -> list[Any]:
+        return compat.torch_dedup_save_plans(plans, save_to_lowest_rank=True)
+
+    def registered(strat: Any, **options: Any) -> Callable[[Sequence[Any]], list[Any]]:
+        def run(plans: Sequence[Any]) -> list[Any]:
+            return list(strat(plans, **options))
+
+        return run
+
     runs: list[tuple[str, Callable[[Sequence[Any]], list[Any]]]] = [
-        ("torch dedup_save_plans", lambda plans: compat.torch_dedup_save_plans(plans)),
-        ("torch save_to_lowest_rank", lambda plans: compat.torch_dedup_save_plans(plans, save_to_lowest_rank=True)),
+        ("torch dedup_save_plans", torch_default),
+        ("torch save_to_lowest_rank", torch_lowest),
     ]
     for name in names if names is not None else pm.strategy_names():
         strat = pm.get_strategy(name)
-        runs.append((name, lambda plans, s=strat: list(s(plans))))
+        runs.append((name, registered(strat)))
         if name == "size_balanced" and strat.options.get("mode") == "balanced":
-            runs.append((f"{name}[mode=torch]", lambda plans, s=strat: list(s(plans, mode="torch"))))
+            runs.append((f"{name}[mode=torch]", registered(strat, mode="torch")))
     return runs
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import io
 import math
+import operator
 from bisect import bisect_right, insort
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -293,6 +294,10 @@ def validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metadata) ->
         size = tuple(value.size)
         if len(size) == 0:
             continue
+        if len(value.chunks) == 1:  # fast path: one chunk covering the whole tensor (replicated/plain)
+            c = value.chunks[0]
+            if len(c.offsets) == len(size) and tuple(c.sizes) == size and not any(c.offsets):
+                continue
         volume = 0
         bad = False
         for c in value.chunks:
@@ -300,9 +305,7 @@ def validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metadata) ->
                 errors.append(f"key:{key} chunk {c} has the wrong rank for tensor-size {size}")
                 bad = True
                 continue
-            if any(o < 0 for o in c.offsets) or any(s < 0 for s in c.sizes) or any(
-                o + s > n for o, s, n in zip(c.offsets, c.sizes, size)
-            ):
+            if min(c.offsets) < 0 or min(c.sizes) < 0 or any(map(operator.gt, map(operator.add, c.offsets, c.sizes), size)):
                 errors.append(f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {c}")
                 bad = True
             volume += math.prod(c.sizes)

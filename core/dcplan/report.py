@@ -223,10 +223,10 @@ def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[in
         if len(hs) == 1:
             fixed[hs[0]] += p
         else:
-            t = tuple(hs)
-            group_bytes[t] = group_bytes.get(t, 0) + p
-            if p > group_max.get(t, -1):
-                group_max[t] = p
+            hk = tuple(hs)
+            group_bytes[hk] = group_bytes.get(hk, 0) + p
+            if p > group_max.get(hk, -1):
+                group_max[hk] = p
     lb, why = 0, "empty plan"
     for r, f in enumerate(fixed):
         if f > lb:
