@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (default: 3 quick, 1 full)")
     parser.add_argument("--no-coordinator", action="store_true", help="skip the coordinator-step timing")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--only", default=None, metavar="TEXT", help="only workloads whose name contains TEXT")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# dcplan balance benchmark (torch {torch.__version__}, python {sys.version.split()[0]}, "
           f"{'quick' if args.quick else 'full'}, best of {repeat})")
     results = []
-    for wl in workloads.standard_workloads(quick=args.quick):
+    for wl in workloads.standard_workloads(quick=args.quick, only=args.only):
         res = bench_workload(wl, repeat, not args.no_coordinator)
         results.append(res)
         print("\n".join(_fmt_row(res)), flush=True)

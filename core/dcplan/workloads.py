@@ -376,7 +376,10 @@ QUICK: tuple[tuple[str, str, int | None], ...] = (
 )
 
 
-def standard_workloads(quick: bool = False) -> Iterator[Workload]:
-    """The benchmark workloads, built lazily one at a time."""
+def standard_workloads(quick: bool = False, only: str | None = None) -> Iterator[Workload]:
+    """The benchmark workloads, built lazily one at a time (``only``: name substring filter)."""
     for layout, model, world in QUICK if quick else STANDARD:
+        name = f"{model} {layout}" + (f" x{world}" if world else "")
+        if only and only not in name:
+            continue
         yield make(layout, model, world)
