@@ -153,7 +153,9 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
     unreadable = bool(manifest["has_strides"]) and not compat.HAS_STRIDES
     try:
         dcp.load(sd, checkpoint_id=str(path), planner=dcplan.LoadPlanner())
-    except Exception as exc:  # noqa: BLE001 - classified below
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         text = f"{type(exc).__name__}: {exc}"
         if unreadable and MetadataVersionError.__name__ in text and torch.__version__ in text:
             msg = [line for line in text.splitlines() if MetadataVersionError.__name__ in line]
