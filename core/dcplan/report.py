@@ -23,8 +23,10 @@ entry), so a report on 2M items costs about as much as one dedup pass.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import operator
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -88,50 +90,45 @@ class PlanIndex:
     order, then new items of rank 1, ...):
 
     * ``keys[k]``: the item's ``MetadataIndex`` (fqn + offset; DCP's identity);
-    * ``first[k]`` / ``last[k]``: the item as the lowest / highest holder lists it;
+    * ``first[k]``: the item as the lowest holder lists it;
     * ``holders[k]``: the ranks holding it, ascending, no duplicates;
     * ``nbytes[k]``: the bytes it writes;
     * ``ids[rank]``: the key id of each item of that rank's plan, in plan order.
     """
 
-    __slots__ = ("world_size", "keys", "first", "last", "holders", "ids", "_nbytes", "__weakref__")
+    __slots__ = ("world_size", "keys", "first", "holders", "ids", "_nbytes", "__weakref__")
 
     def __init__(self, all_plans: Sequence[SavePlan]) -> None:
         # Keys are (fqn, offset) tuples: the same equality as MetadataIndex (which ignores
-        # the index hint) but hashed in C, about twice as fast as MetadataIndex.__hash__.
+        # the index hint) but built and hashed in C. Entries whose key is already known
+        # (every replica after the first) never run Python bytecode: the key lookup is a
+        # C-level map, and the holder lists come from one stable numpy sort.
         lookup: dict[tuple[str, Any], int] = {}
         keys: list[Any] = []
         first: list[WriteItem] = []
-        last: list[WriteItem] = []
-        holders: list[list[int]] = []
         all_ids: list[list[int]] = []
-        for rank, plan in enumerate(all_plans):
-            ids: list[int] = []
-            app = ids.append
-            for item in plan.items:
-                idx = item.index
-                key = (idx.fqn, idx.offset)
-                k = lookup.get(key)
-                if k is None:
-                    k = len(keys)
-                    lookup[key] = k
-                    keys.append(idx)
-                    first.append(item)
-                    last.append(item)
-                    holders.append([rank])
-                else:
-                    h = holders[k]
-                    if h[-1] != rank:
-                        h.append(rank)
-                    last[k] = item
-                app(k)
+        get = lookup.get
+        for plan in all_plans:
+            items = plan.items
+            ks = list(map(_KEY, items))
+            ids: list[Any] = list(map(get, ks))
+            if None in ids:
+                for pos, k in enumerate(ids):
+                    if k is None:
+                        key = ks[pos]
+                        k = get(key)
+                        if k is None:
+                            k = len(keys)
+                            lookup[key] = k
+                            keys.append(items[pos].index)
+                            first.append(items[pos])
+                        ids[pos] = k
             all_ids.append(ids)
         self.world_size = len(all_plans)
         self.keys = keys
         self.first = first
-        self.last = last
-        self.holders = holders
         self.ids = all_ids
+        self.holders = _holders(all_ids, len(keys))
         self._nbytes: list[int] | None = None
 
     @property
@@ -153,11 +150,42 @@ class PlanIndex:
         return fixed
 
     def apply_owners(self, all_plans: Sequence[SavePlan], owner: Sequence[int]) -> list[SavePlan]:
-        """New plans keeping, on each rank, the items whose ``owner[k]`` is that rank."""
+        """New plans keeping, on each rank, the items whose ``owner[k]`` is that rank (C-level filter)."""
         out = []
+        get = owner.__getitem__
         for rank, (plan, ids) in enumerate(zip(all_plans, self.ids)):
-            out.append(dataclasses.replace(plan, items=[it for it, k in zip(plan.items, ids) if owner[k] == rank]))
+            keep = map(rank.__eq__, map(get, ids))
+            out.append(dataclasses.replace(plan, items=list(itertools.compress(plan.items, keep))))
         return out
+
+
+_KEY = operator.attrgetter("index.fqn", "index.offset")
+
+
+def _holders(all_ids: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+    """Per key id, the ranks whose id lists contain it: ascending, without duplicates."""
+    import numpy as np
+
+    counts = [len(ids) for ids in all_ids]
+    total = sum(counts)
+    if total == 0:
+        return [[] for _ in range(n)]
+    flat = np.fromiter(itertools.chain.from_iterable(all_ids), dtype=np.int64, count=total)
+    ranks = np.repeat(np.arange(len(all_ids), dtype=np.int64), counts)
+    order = np.argsort(flat, kind="stable")  # ranks stay ascending within a key
+    fk = flat[order]
+    fr = ranks[order]
+    if total > 1:
+        keep = np.empty(total, dtype=bool)
+        keep[0] = True
+        np.not_equal(fk[1:], fk[:-1], out=keep[1:])
+        keep[1:] |= fr[1:] != fr[:-1]
+        if not keep.all():
+            fk = fk[keep]
+            fr = fr[keep]
+    bounds = np.searchsorted(fk, np.arange(n + 1, dtype=np.int64)).tolist()
+    rl = fr.tolist()
+    return [rl[bounds[k] : bounds[k + 1]] for k in range(n)]
 
 
 _cache_lock = threading.Lock()

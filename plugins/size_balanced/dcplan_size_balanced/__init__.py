@@ -104,7 +104,9 @@ def balanced(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
 def torch_parity(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
     """torch's greedy: items in first-seen order, weight = global tensor bytes, ties to the lowest rank."""
     idx = index_plans(all_plans)
-    weight = [_torch_weight(i) for i in idx.last]  # torch keeps the last holder's item
+    # torch weighs the last holder's copy; every holder's copy has the same global size and
+    # dtype in a valid plan (build_global_plan rejects the others), so the first one is used.
+    weight = [_torch_weight(i) for i in idx.first]
     owner = [0] * len(idx)
     _assign(idx, range(len(idx)), weight, [0] * idx.world_size, owner)
     return idx.apply_owners(all_plans, owner)
