@@ -301,7 +301,7 @@ def run_scenario(sc: dict[str, Any], tmp: str) -> dict[str, int]:
     return counts
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenario_st())
 def test_cached_saves_equal_cold_saves(tmp_path_factory: Any, sc: dict[str, Any]) -> None:
     run_scenario(sc, str(tmp_path_factory.getbasetemp()))
