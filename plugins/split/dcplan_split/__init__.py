@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -217,19 +218,17 @@ def split(
 def _split(all_plans: Sequence[SavePlan], min_slice_bytes: int, max_slices: int) -> list[SavePlan]:
     idx = index_plans(all_plans)
     owner, pieces_of = split_pieces(idx, min_slice_bytes, max_slices)
-    by_rank: dict[tuple[int, int], list[WriteItem]] = {}
-    for k, ps in pieces_of.items():
-        for r, it in ps:
-            by_rank.setdefault((r, k), []).append(it)
+    # Whole items keep their place in each rank's plan (a C-level filter); a rank's slices
+    # follow them, in key order. Order inside a plan carries no meaning for DCP.
+    slices: dict[int, list[WriteItem]] = {}
+    for k in sorted(pieces_of):
+        for r, it in pieces_of[k]:
+            slices.setdefault(r, []).append(it)
+    get = owner.__getitem__
     out = []
     for rank, (plan, ids) in enumerate(zip(all_plans, idx.ids)):
-        items: list[WriteItem] = []
-        for it, k in zip(plan.items, ids):
-            o = owner[k]
-            if o == rank:
-                items.append(it)
-            elif o == -1:
-                items.extend(by_rank.pop((rank, k), ()))
+        items = list(itertools.compress(plan.items, map(rank.__eq__, map(get, ids))))
+        items += slices.get(rank, ())
         out.append(replace_plan(plan, items=items))
     return out
 
