@@ -191,8 +191,10 @@ def dcplan_set_up_load_state_dict(
     :param metadata: the checkpoint metadata.
     :param is_coordinator: whether this rank is the coordinator.
     :returns: the state dict to load into (it may be the same object, filled
-        in place, e.g. the empty loader rebuilds it from the metadata), or
-        ``None`` to keep ``state_dict`` as it is.
+        in place), or ``None`` to keep ``state_dict`` as it is. The result is
+        then flattened with torch's rules. (``dcplan-empty-load`` does not use
+        this hook: its planner rebuilds the dict *and* the flattening mapping
+        from the metadata, so keys written by other tools keep their names.)
     :runs on: every rank.
     :results: first non-``None`` result wins.
     """
