@@ -148,7 +148,7 @@ def demo_rank(rank: int, world_size: int, workdir: str, strategies: list[str]) -
         # reload into a freshly initialised model (different seed and data)
         fresh = build_state(world_size, seed=100, data_seed=99)
         t0 = time.perf_counter()
-        dcp.load(fresh, checkpoint_id=path, planner=dcplan.LoadPlanner())
+        dcp.load(fresh, storage_reader=dcplan.FileSystemReader(path), planner=dcplan.LoadPlanner())
         load_time = time.perf_counter() - t0
         got = _flat(fresh)
         bad = sorted(k for k in expected if k not in got or not _equal(expected[k], got[k]))

@@ -118,15 +118,18 @@ class DcplanPluginManager:
         return True
 
     def _load_entry_points(self) -> None:
-        found: list[tuple[str, str, md.EntryPoint, str | None]] = []
+        found: list[tuple[str, str, md.EntryPoint, str, str | None]] = []
         for dist in md.distributions():
-            dist_name = dist.metadata["Name"] or "?"
-            for ep in dist.entry_points:
-                if ep.group == ENTRY_POINT_GROUP:
-                    found.append((_norm(dist_name), ep.name, ep, dist.version))
+            try:  # a half-installed distribution must not break discovery of the others
+                dist_name = dist.metadata["Name"] or "?"
+                eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+                version = dist.version
+            except Exception:  # noqa: BLE001
+                continue
+            for ep in eps:
+                found.append((_norm(dist_name), ep.name, ep, dist_name, version))
         seen: set[str] = set()
-        for _, _, ep, version in sorted(found, key=lambda t: (t[0], t[1])):
-            dist_name = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+        for _, _, ep, dist_name, version in sorted(found, key=lambda t: (t[0], t[1])):
             if ep.name in seen:  # the same distribution on sys.path twice
                 continue
             seen.add(ep.name)
