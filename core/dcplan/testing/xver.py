@@ -136,15 +136,15 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
     """Load a reference checkpoint in this process and verify it.
 
     :returns: ``("ok", "")``; ``("refused", message)`` when this torch cannot read the
-        writer's format and dcplan said so clearly (:class:`~dcplan.safe.MetadataVersionError`
-        naming this torch's version); or ``("bad", details)`` for anything else.
+        writer's format and dcplan said so clearly (the message of
+        :class:`~dcplan.safe.MetadataVersionError`, naming this torch's version); or
+        ``("bad", details)`` for anything else.
     """
     import torch
     import torch.distributed.checkpoint as dcp
 
     import dcplan
     from dcplan import compat
-    from dcplan.safe import MetadataVersionError
 
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
@@ -157,9 +157,11 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
         raise
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         text = f"{type(exc).__name__}: {exc}"
-        if unreadable and MetadataVersionError.__name__ in text and torch.__version__ in text:
-            msg = [line for line in text.splitlines() if MetadataVersionError.__name__ in line]
-            return "refused", msg[-1].strip()
+        # torch wraps it (CheckpointException; from 2.9 an AssertionError joining the
+        # global and rank-local metadata failures), so look for dcplan's message itself.
+        marker = "was written by a newer torch (>= 2.15"
+        if unreadable and marker in text and f"torch {torch.__version__} " in text:
+            return "refused", next(line.strip() for line in text.splitlines() if marker in line)
         return "bad", text
     if unreadable:
         return "bad", "loaded a checkpoint whose metadata this torch should not be able to read"
