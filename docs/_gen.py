@@ -7,7 +7,8 @@ Writes ``docs/_generated/*.md``, which the pages include:
 * ``hooks.md``: every hook spec, its side, where it runs and how results combine;
 * ``strategies.md``: the strategies of dcplan and its in-repo plugins;
 * ``demo-report.md`` (with ``--demo``, needs 4 gloo processes): the plan report of
-  each strategy on ``dcplan demo``'s workload.
+  each strategy on ``dcplan demo``'s workload;
+* ``plan-report.md`` (with ``--demo``): ``dcplan plan`` on model-sized synthetic layouts.
 
 ``--check`` writes nothing and exits 1 when a file is out of date (the test suite
 runs the same comparison in ``tests/test_docs.py``).
@@ -208,6 +209,26 @@ def demo_report_md(world_size: int = 4) -> str:
     )
 
 
+PLAN_LAYOUTS = (("ddp", "7b", "8"), ("hsdp8", "7b", "64"), ("tp8pp4dp4", "13b", None))
+
+
+def plan_report_md() -> str:
+    """``dcplan plan`` on model-sized synthetic layouts, with only this repository's plugins loaded."""
+    import subprocess
+
+    env = dict(os.environ, COLUMNS="120", DCPLAN_LOAD_PLUGINS=",".join(repo_distributions()[1:]))
+    parts = [HEADER]
+    for layout, model, ranks in PLAN_LAYOUTS:
+        cmd = [sys.executable, "-m", "dcplan.cli", "plan", "--layout", layout, "--model", model, "--max-rows", "0"]
+        if ranks:
+            cmd += ["--ranks", ranks]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        table = out.split("\n\nbytes per rank")[0].rstrip()
+        shown = " ".join(["dcplan", *cmd[3:]])
+        parts.append(f"```text\n$ {shown}\n{table}\n```\n")
+    return "\n".join(parts)
+
+
 GENERATORS = {"config.md": config_md, "cli.md": cli_md, "hooks.md": hooks_md, "strategies.md": strategies_md}
 
 
@@ -219,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     gens = dict(GENERATORS)
     if args.demo:
         gens["demo-report.md"] = demo_report_md
+        gens["plan-report.md"] = plan_report_md
     stale = []
     OUT.mkdir(exist_ok=True)
     for fname, gen in gens.items():

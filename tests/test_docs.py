@@ -132,6 +132,7 @@ def test_pages_include_the_generated_tables():
         ("concepts.md", "hooks.md"),
         ("strategies.md", "strategies.md"),
         ("strategies.md", "demo-report.md"),
+        ("strategies.md", "plan-report.md"),
     ]:
         assert f"{{include}} _generated/{name}" in (DOCS / page).read_text(), (page, name)
 
@@ -166,7 +167,10 @@ def test_demo_report_is_current():
     version = torch.__version__.split("+")[0]
     if f"torch {version};" not in report:
         pytest.skip(f"docs/_generated/demo-report.md was generated with another torch than {version}")
-    assert _gen().demo_report_md() == report, "stale: run `python docs/_gen.py --demo` and commit it"
+    gen = _gen()
+    assert gen.demo_report_md() == report, "stale: run `python docs/_gen.py --demo` and commit it"
+    plans = (DOCS / "_generated" / "plan-report.md").read_text()
+    assert gen.plan_report_md() == plans, "stale: run `python docs/_gen.py --demo` and commit it"
 
 
 # ------------------------------------------------------------------ hooks
