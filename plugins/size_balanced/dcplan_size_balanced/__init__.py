@@ -24,9 +24,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-from torch.distributed.checkpoint.planner import SavePlan, WriteItem
-
 import dcplan
+from dcplan.compat import SavePlan, WriteItem
 from dcplan.planning import paused_gc
 from dcplan.report import PlanIndex, index_plans
 

@@ -40,11 +40,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 import dcplan
-from dcplan.compat import replace_plan
+from dcplan.compat import ChunkStorageMetadata, MetadataIndex, SavePlan, WriteItem, WriteItemType, replace_plan
 from dcplan.planning import paused_gc
 from dcplan.report import PlanIndex, index_plans
 
@@ -108,7 +106,7 @@ def _piece(item: WriteItem, dim: int, lo: int, hi: int) -> WriteItem:
     chunk = ChunkStorageMetadata(offsets=off, sizes=torch.Size(sizes))
     return dataclasses.replace(
         item,
-        index=MetadataIndex(item.index.fqn, off),
+        index=MetadataIndex(fqn=item.index.fqn, offset=off),
         type=WriteItemType.SHARD,
         tensor_data=dataclasses.replace(td, chunk=chunk),
     )
