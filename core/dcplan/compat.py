@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.utils import find_state_dict_object
 
 __all__ = [
     "BytesStorageMetadata",
+    "DefaultLoadPlanner",
+    "DefaultSavePlanner",
     "ChunkStorageMetadata",
     "DTensor",
     "LoadPlan",
@@ -251,8 +253,8 @@ def import_object(path: str) -> Any:
     raise ImportError(f"cannot import {path!r}")
 
 
-DefaultSavePlanner = _dp.DefaultSavePlanner
-DefaultLoadPlanner = _dp.DefaultLoadPlanner
+# imported (not assigned) so that type checkers accept them as base classes
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner  # noqa: E402,I001
 
 
 # ---------------------------------------------------------------- DTensor API
@@ -336,9 +338,10 @@ def finish_read_metadata(reader: Any, metadata: Metadata) -> Metadata:
     if HAS_STORAGE_META and hasattr(reader, "load_id"):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = reader.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:
+            storage_meta = metadata.storage_meta = StorageMeta()
+        storage_meta.load_id = reader.load_id
     return metadata
 
 
