@@ -49,8 +49,9 @@ def _mesh() -> Any:
 
 
 def _dist_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from dcplan.compat import distribute_tensor, dtensor_placements
 
+    Replicate, Shard = dtensor_placements()  # torch.distributed.tensor from 2.5, ._tensor on 2.4
     out: dict[str, Any] = dict(state)
     out["hsdp"] = distribute_tensor(state["hsdp"], _mesh(), [Replicate(), Shard(0)])
     return out

@@ -104,6 +104,8 @@ def test_validation_agrees_with_torch(layout):
     assert not errors
     ours = planning.validate_global_plan(gp, md)
     theirs = compat.torch_validate_global_plan(gp, md)
+    if len(plans) == 1 and compat.torch_checks_single_plan_coverage():
+        return  # torch < 2.9 also checks coverage of one-plan (rank-local) saves; dcplan follows 2.9+
     assert bool(ours) == bool(theirs), (ours, theirs)
 
 

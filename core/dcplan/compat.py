@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -205,6 +206,35 @@ def torch_validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metada
     if isinstance(result, bool):
         return [] if result else ["torch: invalid global plan"]
     return list(result)
+
+
+_SINGLE_PLAN_COVERAGE: list[bool] = []
+
+
+def torch_checks_single_plan_coverage() -> bool:
+    """Whether torch's validator demands full coverage from a one-plan global plan (before 2.9).
+
+    From 2.9 the volume check runs only ``if len(global_plan) > 1`` (rank-local saves);
+    dcplan's validator follows 2.9. Detected once by validating half a tensor in one plan.
+    """
+    if not _SINGLE_PLAN_COVERAGE:
+        half = ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([2]))
+        item = make_write_item(
+            index=MetadataIndex("w", torch.Size([0])),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(chunk=half, properties=TensorProperties(), size=torch.Size([4])),
+        )
+        md = Metadata(
+            state_dict_metadata={"w": TensorStorageMetadata(TensorProperties(), torch.Size([4]), [half])}
+        )
+        log = logging.getLogger(_dp.__name__)  # torch logs the failed volume check as a warning
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            _SINGLE_PLAN_COVERAGE.append(bool(torch_validate_global_plan([SavePlan([item])], md)))
+        finally:
+            log.setLevel(level)
+    return _SINGLE_PLAN_COVERAGE[0]
 
 
 def torch_create_global_plan(planner: Any, all_plans: Sequence[SavePlan]) -> tuple[list[SavePlan], Metadata]:
