@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 #: exit code of ``read`` when a checkpoint was refused with dcplan's format error (as designed)
@@ -78,20 +79,26 @@ def _run(exe: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def cmd_matrix(toxworkdir: Path, work: Path, envs: list[str]) -> int:
+def cmd_matrix(toxworkdir: Path, work: Path, envs: list[str], jobs: int = 3) -> int:
     exes = {env: _python(toxworkdir, env) for env in envs}
     work.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
-    for env, exe in exes.items():
-        t0 = time.perf_counter()
-        out = _run(exe, "write", str(work / env))
-        print(f"[{env}] write ({time.perf_counter() - t0:.1f}s): {out.stdout.strip() or out.stderr.strip()[-2000:]}")
+    t0 = time.perf_counter()
+    # Interpreter start-up and torch imports dominate: a few at a time overlap that waiting.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        writes = dict(zip(exes, pool.map(lambda e: _run(exes[e], "write", str(work / e)), exes)))
+    print(f"xver: {len(exes)} writes in {time.perf_counter() - t0:.1f}s")
+    for env, out in writes.items():
+        print(f"[{env}] write: {out.stdout.strip() or out.stderr.strip()[-2000:]}")
         if out.returncode:
             failures.append(f"{env} could not write: {out.stderr.strip()[-2000:]}")
     written = [env for env in envs if (work / env / MANIFEST).exists()]
     cells: dict[tuple[str, str], str] = {}
-    for reader, exe in exes.items():
-        out = _run(exe, "read", *(str(work / w) for w in written))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        reads = dict(zip(exes, pool.map(lambda e: _run(exes[e], "read", *(str(work / w) for w in written)), exes)))
+    print(f"xver: {len(exes)} x {len(written)} reads in {time.perf_counter() - t0:.1f}s")
+    for reader, out in reads.items():
         lines = {Path(line.split(" read ", 1)[1].split(":", 1)[0]).name: line for line in out.stdout.splitlines()
                  if line.startswith("xver: ") and " read " in line}
         for writer in written:
@@ -129,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("matrix")
     p.add_argument("--toxworkdir", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--jobs", type=int, default=3, help="interpreters run at once (default 3)")
     p.add_argument("envs", nargs="+")
     args = parser.parse_args(argv)
     if args.cmd == "write":
         return cmd_write(args.dir)
     if args.cmd == "read":
         return cmd_read(args.dirs)
-    return cmd_matrix(args.toxworkdir, args.work, args.envs)
+    return cmd_matrix(args.toxworkdir, args.work, args.envs, args.jobs)
 
 
 if __name__ == "__main__":
