@@ -72,7 +72,7 @@ def dcplan_missing_keys_policy(planner: Any, missing: Sequence[str], config: Any
 
 @hookimpl(trylast=True)
 def dcplan_create_local_load_plan(planner: Any, state_dict: dict[str, Any], metadata: Metadata) -> LoadPlan:
-    skip = getattr(planner, "skip_keys", set())
+    skip: set[str] = getattr(planner, "skip_keys", set())
     requests = []
     mismatches = []
     for fqn, obj in state_dict.items():

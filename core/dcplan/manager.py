@@ -121,7 +121,7 @@ class DcplanPluginManager:
         found: list[tuple[str, str, md.EntryPoint, str, str | None]] = []
         for dist in md.distributions():
             try:  # a half-installed distribution must not break discovery of the others
-                dist_name = dist.metadata["Name"] or "?"
+                dist_name = str(dist.metadata["Name"] or "?")
                 eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
                 version = dist.version
             except Exception:  # noqa: BLE001
@@ -129,7 +129,7 @@ class DcplanPluginManager:
             for ep in eps:
                 found.append((_norm(dist_name), ep.name, ep, dist_name, version))
         seen: set[str] = set()
-        for _, _, ep, dist_name, version in sorted(found, key=lambda t: (t[0], t[1])):
+        for _, _, ep, dist_name, ep_version in sorted(found, key=lambda t: (t[0], t[1])):
             if ep.name in seen:  # the same distribution on sys.path twice
                 continue
             seen.add(ep.name)
@@ -156,7 +156,7 @@ class DcplanPluginManager:
                     stacklevel=2,
                 )
                 continue
-            self._dist[ep.name] = (dist_name, version)
+            self._dist[ep.name] = (dist_name, ep_version)
 
     def register(self, plugin: Any, name: str, distribution: str | None = None) -> None:
         """Register an in-process plugin (tests, notebooks)."""
@@ -179,7 +179,7 @@ class DcplanPluginManager:
         for impl in impls:
             pname = impl.plugin_name
             dist = self._dist.get(pname, (pname, None))[0] or pname
-            result = impl.function()
+            result: Any = impl.function()
             if result is None:
                 continue
             for strategy in result:

@@ -243,7 +243,7 @@ class SavePlanner(compat.DefaultSavePlanner):  # type: ignore[misc]
             return buf
         chunk = write_item.tensor_data.chunk if write_item.tensor_data is not None else None
         base = self._containing_chunk(write_item.index.fqn, chunk)
-        if base is None:
+        if base is None or chunk is None:
             return self.transform_object(write_item, self.lookup_object(write_item.index))
         local_chunk, local_index = base
         tensor = compat.find_state_dict_object(self.state_dict, local_index)
