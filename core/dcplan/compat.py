@@ -416,7 +416,11 @@ def install_metadata_format_guard() -> bool:
         if isinstance(state, tuple) and len(state) > known:
             from dcplan.safe import MetadataVersionError
 
-            raise MetadataVersionError(newer_metadata_message(len(state)))
+            msg = newer_metadata_message(len(state))
+            # torch 2.9-2.11's dcp.load swallows any read_metadata exception and then raises
+            # "AssertionError: metadata is None": log the reason too, so every rank shows it.
+            logging.getLogger("dcplan").error("dcplan: %s", msg)
+            raise MetadataVersionError(msg)
         current(self, state)
 
     __setstate__._dcplan_guard = True  # type: ignore[attr-defined]

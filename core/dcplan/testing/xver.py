@@ -10,6 +10,7 @@ feature flags, not from version strings.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -151,18 +152,26 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
     expected = reference_state(0, int(manifest["world_size"]))
     sd = empty_like_state(expected)
     unreadable = bool(manifest["has_strides"]) and not compat.HAS_STRIDES
+    logged: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("dcplan")
+    log.addHandler(handler)
     try:
         dcp.load(sd, checkpoint_id=str(path), planner=dcplan.LoadPlanner())
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        text = f"{type(exc).__name__}: {exc}"
+        # torch 2.9-2.11 replace the reader's error with "metadata is None"; dcplan logs it
+        text = "\n".join([f"{type(exc).__name__}: {exc}", *logged])
         # torch wraps it (CheckpointException; from 2.9 an AssertionError joining the
         # global and rank-local metadata failures), so look for dcplan's message itself.
         marker = "was written by a newer torch (>= 2.15"
         if unreadable and marker in text and f"torch {torch.__version__} " in text:
             return "refused", next(line.strip() for line in text.splitlines() if marker in line)
         return "bad", text
+    finally:
+        log.removeHandler(handler)
     if unreadable:
         return "bad", "loaded a checkpoint whose metadata this torch should not be able to read"
     diffs = compare(expected, sd)
