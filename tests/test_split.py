@@ -155,6 +155,8 @@ def test_split_save_writes_slices_and_reloads_on_four_ranks(saved) -> None:
 
 
 @pytest.mark.multiproc
+@pytest.mark.skipif(not compat.DCP_LOAD_ON_SUBGROUP,
+                    reason="torch 2.4's dcp.load cannot load on a sub-group (_all_gather_keys uses the world size)")
 def test_split_checkpoint_loads_on_two_ranks(pool, saved) -> None:
     path, _ = saved
     results = pool.run(F.load_on_two, path)

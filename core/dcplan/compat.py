@@ -208,6 +208,25 @@ def torch_validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metada
     return list(result)
 
 
+def _load_works_on_subgroup() -> bool:
+    """torch 2.4's ``dcp.load`` sizes its key gather by the *global* world size (fixed in 2.5),
+    so loading with a ``process_group`` smaller than the world fails with ``TypeError``."""
+    from torch.distributed.checkpoint import utils as _utils
+
+    fn = getattr(_utils, "_all_gather_keys", None)
+    if fn is None:
+        return True
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):  # pragma: no cover - sources not shipped
+        return True
+    return "get_world_size()" not in src
+
+
+#: ``dcp.load(..., process_group=<a sub-group>)`` works (2.5+).
+DCP_LOAD_ON_SUBGROUP = _load_works_on_subgroup()
+
+
 _SINGLE_PLAN_COVERAGE: list[bool] = []
 
 
