@@ -30,7 +30,7 @@ from dcplan import compat
 from dcplan.compat import LoadPlan, Metadata, ReadItem
 from dcplan.config import Config, resolve_config
 from dcplan.errors import ConfigError, MissingKeysError
-from dcplan.manager import DcplanPluginManager, get_plugin_manager
+from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 
 __all__ = ["LoadPlanner", "LoadReport", "Mismatch", "format_path"]
 
@@ -206,7 +206,7 @@ def _strip_report(plan: LoadPlan) -> LoadPlan:
     return dataclasses.replace(plan, planner_data=rest or None)
 
 
-class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
+class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignore[misc]
     """Drop-in ``LoadPlanner`` whose steps run through dcplan's hooks.
 
     Strict by default: every key of the state dict must be in the checkpoint,
@@ -251,21 +251,6 @@ class LoadPlanner(compat.DefaultLoadPlanner):  # type: ignore[misc]
         from dcplan.safe import check_trusted_globals
 
         check_trusted_globals(self.config)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_pm"] = None
-        return state
-
-    @property
-    def plugin_manager(self) -> DcplanPluginManager:
-        if self._pm is None:
-            self._pm = get_plugin_manager()
-        return self._pm
-
-    @property
-    def hook(self) -> Any:
-        return self.plugin_manager.hook
 
     def _check_partial_load_plugin(self) -> None:
         """``partial_load``/``skip_mismatch_keys`` without a plugin would silently load strictly."""

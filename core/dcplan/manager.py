@@ -272,3 +272,28 @@ def reset_plugin_manager() -> None:
 
 def strategies_table(pm: DcplanPluginManager) -> Sequence[tuple[str, str, str]]:
     return [(n, r.distribution, r.strategy.description) for n, r in pm.strategies.items()]
+
+
+class HookedPlannerMixin:
+    """What dcplan's save and load planners share: lazy plugin manager access.
+
+    The manager is not pickled (``async_save`` with a process checkpointer pickles
+    the planner); the unpickled planner picks up the process-wide one.
+    """
+
+    _pm: DcplanPluginManager | None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pm"] = None
+        return state
+
+    @property
+    def plugin_manager(self) -> DcplanPluginManager:
+        if self._pm is None:
+            self._pm = get_plugin_manager()
+        return self._pm
+
+    @property
+    def hook(self) -> Any:
+        return self.plugin_manager.hook

@@ -21,7 +21,7 @@ from dcplan import compat
 from dcplan.compat import MetadataIndex, SavePlan, WriteItem, WriteItemType
 from dcplan.config import Config, resolve_config
 from dcplan.errors import PlanMismatchError, PlanValidationError
-from dcplan.manager import DcplanPluginManager, get_plugin_manager
+from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 
 __all__ = ["SavePlanner", "RankPayload"]
 
@@ -42,7 +42,7 @@ class RankPayload:
     cache: Any = None
 
 
-class SavePlanner(compat.DefaultSavePlanner):  # type: ignore[misc]
+class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
     """Drop-in ``SavePlanner`` whose dedup strategy comes from config and plugins.
 
     :param config: a :class:`dcplan.Config` (used as is) or ``None`` to read
@@ -79,22 +79,6 @@ class SavePlanner(compat.DefaultSavePlanner):  # type: ignore[misc]
             from dcplan.cache import PlanCache
 
             self.cache = PlanCache.for_config(self.config)
-
-    # -- pickling (async_save with a process checkpointer) ---------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_pm"] = None
-        return state
-
-    @property
-    def plugin_manager(self) -> DcplanPluginManager:
-        if self._pm is None:
-            self._pm = get_plugin_manager()
-        return self._pm
-
-    @property
-    def hook(self) -> Any:
-        return self.plugin_manager.hook
 
     def agreement(self) -> tuple[Any, ...]:
         """What all ranks must share; compared by the coordinator."""
