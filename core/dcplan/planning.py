@@ -89,10 +89,6 @@ def create_local_save_plan(state_dict: dict[str, Any], *, measure_bytes: bool = 
     return SavePlan(items)
 
 
-class GlobalPlanError(ValueError):
-    pass
-
-
 @contextlib.contextmanager
 def paused_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector (planning allocates millions of acyclic objects).
