@@ -141,3 +141,66 @@ def test_save_planner_exposes_and_logs_the_report(caplog) -> None:
     assert rep.strategy == "size_balanced" and len(rep.bytes_per_rank) == 4
     assert rep == build_report(wl.plans, dcplan.dedup(wl.plans, "size_balanced"), "size_balanced")
     assert [r.message for r in caplog.records if "plan report" in r.message] == [rep.summary()]
+
+
+def _index_state(idx) -> tuple:
+    return ([(k.fqn, tuple(k.offset or ())) for k in idx.keys], [tuple(h) for h in idx.holders],
+            [list(i) for i in idx.ids], [id(f) for f in idx.first], idx.nbytes)
+
+
+def _with_copies(plans: list[SavePlan], copies: list[int]) -> list[SavePlan]:
+    """``plans`` plus, for each ``r`` in ``copies``, a rank holding the same items as rank ``r`` (distinct objects)."""
+    import copy
+
+    return plans + [SavePlan(copy.deepcopy(plans[r].items)) for r in copies if r < len(plans)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(layouts(max_world=4, max_tensors=5), __import__("hypothesis").strategies.lists(
+    __import__("hypothesis").strategies.integers(0, 3), max_size=4))
+def test_plan_digests_change_speed_not_results(plans: list[SavePlan], copies: list[int]) -> None:
+    """Ranks with equal plan digests are indexed once; holders, ids, owners and plans stay the same."""
+    from dcplan.planning import plan_digest
+    from dcplan.report import PlanIndex, clear_index_cache
+
+    plans = _with_copies(plans, copies)
+    digests = [plan_digest(p.items) for p in plans]
+    plain = PlanIndex(plans)
+    fast = PlanIndex(plans, digests)
+    assert _index_state(fast) == _index_state(plain)
+    for name in ("size_balanced", "split", "lowest_rank"):
+        clear_index_cache()
+        want = dcplan.dedup(plans, name)
+        clear_index_cache()
+        index_plans(plans, digests)  # what SavePlanner.plan_global does before the strategy runs
+        got = dcplan.dedup(plans, name)
+        clear_index_cache()
+        assert _snap(got) == _snap(want), name
+
+
+def _snap(plans: list[SavePlan]) -> list:
+    from _balance_plans import snapshot
+
+    return snapshot(plans)
+
+
+def test_plan_digest_sharing_on_replicated_layouts() -> None:
+    """DDP: every rank shares rank 0's id list; HSDP: ranks r and r + shard share; results unchanged."""
+    from dcplan.planning import plan_digest
+    from dcplan.report import PlanIndex
+
+    for plans, period in ((workloads.ddp("tiny", 6, distinct=True), 1), (workloads.hsdp("tiny", 8, shard=4, distinct=True), 4)):
+        digests = [plan_digest(p.items) for p in plans]
+        fast = PlanIndex(plans, digests)
+        assert [fast.ids[r] is fast.ids[r % period] for r in range(len(plans))] == [True] * len(plans)
+        assert _index_state(fast) == _index_state(PlanIndex(plans))
+
+
+def test_a_wrong_digest_match_is_caught_by_the_end_guard() -> None:
+    """Equal digests with different first/last keys (a bug elsewhere) fall back to a full index."""
+    from dcplan.report import PlanIndex
+
+    plans = _plans(2, {"a": (10, (0,)), "b": (10, (1,)), "c": (10, (0, 1))})
+    fast = PlanIndex(plans, [b"same", b"same"])
+    assert _index_state(fast) == _index_state(PlanIndex(plans))
+    assert fast.ids[0] is not fast.ids[1]

@@ -37,12 +37,37 @@ __all__ = [
     "item_nbytes",
     "item_key",
     "chunk_of",
+    "plan_digest",
 ]
 
 
 def item_key(item: WriteItem) -> tuple[str, tuple[int, ...]]:
     """The identity DCP uses for an item: fqn and chunk offset (``MetadataIndex`` equality)."""
     return (item.index.fqn, tuple(item.index.offset or ()))
+
+
+_FQN = operator.attrgetter("index.fqn")
+_OFFSET = operator.attrgetter("index.offset")
+
+
+def plan_digest(items: Sequence[WriteItem]) -> bytes:
+    """A 16-byte digest of the keys (fqn, offset) of a plan's items, in order.
+
+    Each rank computes it on its own local plan (a C-level pass: about a
+    millisecond per 3,000 items) and sends it with the plan; the
+    coordinator indexes ranks with equal digests once
+    (:class:`dcplan.report.PlanIndex`), which removes the per-entry work that
+    dominates its planning time on replicated layouts (DDP, HSDP, TP x PP x DP).
+    Equal key sequences usually give equal digests; unequal ones never do
+    (pickle is injective and BLAKE2b collisions are out of reach), and an
+    unexpected difference only costs speed.
+    """
+    import hashlib
+    import pickle
+
+    offsets = [None if o is None else tuple(o) for o in map(_OFFSET, items)]  # bytes items: None
+    data = pickle.dumps((list(map(_FQN, items)), offsets), protocol=4)
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def chunk_of(item: WriteItem) -> ChunkStorageMetadata | None:

@@ -91,14 +91,24 @@ class PlanIndex:
 
     * ``keys[k]``: the item's ``MetadataIndex`` (fqn + offset; DCP's identity);
     * ``first[k]``: the item as the lowest holder lists it;
-    * ``holders[k]``: the ranks holding it, ascending, no duplicates;
+    * ``holders[k]``: the ranks holding it, a tuple, ascending, no duplicates;
     * ``nbytes[k]``: the bytes it writes;
-    * ``ids[rank]``: the key id of each item of that rank's plan, in plan order.
+    * ``ids[rank]``: the key id of each item of that rank's plan, in plan order
+      (ranks with the same plan digest share one list: treat it as read-only).
+
+    :param digests: optional, one per rank: a digest of that rank's item keys
+        (:func:`dcplan.planning.plan_digest`, computed by each rank on its own
+        plan). Ranks whose digests are equal (and whose plans have the same
+        length and the same first, middle and last keys) are indexed once: a
+        DDP or HSDP save then costs the coordinator one pass over the distinct
+        plans instead of over every entry. ``None`` entries are indexed alone.
     """
 
-    __slots__ = ("world_size", "keys", "first", "holders", "ids", "_nbytes", "__weakref__")
+    __slots__ = (
+        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_rep_of", "_flat", "_bounds", "__weakref__"
+    )
 
-    def __init__(self, all_plans: Sequence[SavePlan]) -> None:
+    def __init__(self, all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> None:
         # Keys are (fqn, offset) tuples: the same equality as MetadataIndex (which ignores
         # the index hint) but built and hashed in C. Entries whose key is already known
         # (every replica after the first) never run Python bytecode: the key lookup is a
@@ -107,9 +117,18 @@ class PlanIndex:
         keys: list[Any] = []
         first: list[WriteItem] = []
         all_ids: list[list[int]] = []
+        rep_of: list[int] = []  # rank -> the lowest rank whose id list it shares
+        by_digest: dict[tuple[Any, int], int] = {}
         get = lookup.get
-        for plan in all_plans:
+        for rank, plan in enumerate(all_plans):
             items = plan.items
+            d = digests[rank] if digests is not None else None
+            if d is not None:
+                rep = by_digest.setdefault((d, len(items)), rank)
+                if rep != rank and _same_ends(all_plans[rep].items, items):
+                    all_ids.append(all_ids[rep])
+                    rep_of.append(rep)
+                    continue
             ks = list(map(_KEY, items))
             ids: list[Any] = list(map(get, ks))
             if None in ids:
@@ -124,11 +143,13 @@ class PlanIndex:
                             first.append(items[pos])
                         ids[pos] = k
             all_ids.append(ids)
+            rep_of.append(rank)
         self.world_size = len(all_plans)
         self.keys = keys
         self.first = first
         self.ids = all_ids
-        self.holders = _holders(all_ids, len(keys))
+        self._rep_of = rep_of
+        self.holders, self._flat, self._bounds = _holders(all_ids, rep_of, len(keys))
         self._nbytes: list[int] | None = None
 
     @property
@@ -150,42 +171,100 @@ class PlanIndex:
         return fixed
 
     def apply_owners(self, all_plans: Sequence[SavePlan], owner: Sequence[int]) -> list[SavePlan]:
-        """New plans keeping, on each rank, the items whose ``owner[k]`` is that rank (C-level filter)."""
+        """New plans keeping, on each rank, the items whose ``owner[k]`` is that rank.
+
+        Keys whose owner is not a holder (e.g. ``-1``) are dropped everywhere. One
+        numpy pass per distinct plan; Python work only for the items kept.
+        """
+        import numpy as np
+
+        own = np.asarray(owner, dtype=np.int64)
+        members: dict[int, list[int]] = {}
+        for rank, rep in enumerate(self._rep_of):
+            members.setdefault(rep, []).append(rank)
+        keep: list[list[int]] = [[] for _ in all_plans]
+        for rep, ranks in members.items():
+            seg = self._flat[self._bounds[rep] : self._bounds[rep + 1]]
+            if not len(seg):
+                continue
+            who = own[seg]
+            order = np.argsort(who, kind="stable")  # positions ascending within each owner
+            sorted_who = who[order]
+            cuts = np.searchsorted(sorted_who, ranks, side="left").tolist()
+            ends = np.searchsorted(sorted_who, ranks, side="right").tolist()
+            for r, lo, hi in zip(ranks, cuts, ends):
+                if hi > lo:
+                    keep[r] = order[lo:hi].tolist()
         out = []
-        get = owner.__getitem__
-        for rank, (plan, ids) in enumerate(zip(all_plans, self.ids)):
-            keep = map(rank.__eq__, map(get, ids))
-            out.append(dataclasses.replace(plan, items=list(itertools.compress(plan.items, keep))))
+        for plan, pos in zip(all_plans, keep):
+            items = plan.items
+            out.append(dataclasses.replace(plan, items=list(map(items.__getitem__, pos))))
         return out
 
 
 _KEY = operator.attrgetter("index.fqn", "index.offset")
 
 
-def _holders(all_ids: Sequence[Sequence[int]], n: int) -> list[list[int]]:
-    """Per key id, the ranks whose id lists contain it: ascending, without duplicates."""
+def _same_ends(a: Sequence[WriteItem], b: Sequence[WriteItem]) -> bool:
+    """A cheap guard on a digest match: the first, middle and last keys agree."""
+    if len(a) != len(b):
+        return False
+    if not a:
+        return True
+    return all(_KEY(a[i]) == _KEY(b[i]) for i in {0, len(a) // 2, len(a) - 1})
+
+
+def _holders(all_ids: Sequence[Sequence[int]], rep_of: Sequence[int], n: int) -> tuple[list[tuple[int, ...]], Any, list[int]]:
+    """Per key id, the ranks whose id lists contain it (ascending, no duplicates).
+
+    Also returns the concatenated id lists of the distinct plans (``rep_of[r] == r``)
+    as one numpy array and each rank's start offset in it (only valid for ranks
+    that are their own representative; ``bounds[r + 1]`` is the end).
+    """
     import numpy as np
 
-    counts = [len(ids) for ids in all_ids]
+    world = len(all_ids)
+    counts = [len(all_ids[r]) if rep_of[r] == r else 0 for r in range(world)]
     total = sum(counts)
-    if total == 0:
-        return [[] for _ in range(n)]
-    flat = np.fromiter(itertools.chain.from_iterable(all_ids), dtype=np.int64, count=total)
-    ranks = np.repeat(np.arange(len(all_ids), dtype=np.int64), counts)
-    order = np.argsort(flat, kind="stable")  # ranks stay ascending within a key
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    flat = np.fromiter(
+        itertools.chain.from_iterable(all_ids[r] for r in range(world) if rep_of[r] == r), dtype=np.int64, count=total
+    )
+    if total == 0 or n == 0:
+        return [() for _ in range(n)], flat, bounds
+    members: dict[int, list[int]] = {}
+    for r, rep in enumerate(rep_of):
+        members.setdefault(rep, []).append(r)
+    reps = sorted(members)
+    # (key, distinct plan) pairs, sorted by key; plans in ascending representative order
+    plan_no = np.repeat(np.arange(world, dtype=np.int64), counts)
+    order = np.argsort(flat, kind="stable")
     fk = flat[order]
-    fr = ranks[order]
+    fp = plan_no[order]
     if total > 1:
         keep = np.empty(total, dtype=bool)
         keep[0] = True
         np.not_equal(fk[1:], fk[:-1], out=keep[1:])
-        keep[1:] |= fr[1:] != fr[:-1]
+        keep[1:] |= fp[1:] != fp[:-1]
         if not keep.all():
             fk = fk[keep]
-            fr = fr[keep]
-    bounds = np.searchsorted(fk, np.arange(n + 1, dtype=np.int64)).tolist()
-    rl = fr.tolist()
-    return [rl[bounds[k] : bounds[k + 1]] for k in range(n)]
+            fp = fp[keep]
+    kb = np.searchsorted(fk, np.arange(n + 1, dtype=np.int64)).tolist()
+    pl = fp.tolist()
+    group = {rep: tuple(members[rep]) for rep in reps}
+    if len(reps) == world:  # no shared plans: the plan numbers are the ranks
+        return [tuple(pl[kb[k] : kb[k + 1]]) for k in range(n)], flat, bounds
+    out: list[tuple[int, ...]] = []
+    append = out.append
+    for k in range(n):
+        lo, hi = kb[k], kb[k + 1]
+        if hi - lo == 1:
+            append(group[pl[lo]])
+        else:
+            append(tuple(sorted(set(itertools.chain.from_iterable(group[p] for p in pl[lo:hi])))))
+    return out, flat, bounds
 
 
 _cache_lock = threading.Lock()
@@ -199,11 +278,14 @@ def clear_index_cache() -> None:
         _cache = None
 
 
-def index_plans(all_plans: Sequence[SavePlan]) -> PlanIndex:
-    """Build a :class:`PlanIndex` (one dict lookup per plan entry).
+def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> PlanIndex:
+    """Build a :class:`PlanIndex` (one dict lookup per entry of each distinct plan).
 
     The last index is remembered while its plans are alive, so the strategy and
     the report of one save (same plan objects) index the plans only once.
+
+    :param digests: per rank, a digest of its plan's keys or ``None`` (see
+        :class:`PlanIndex`); only used when the index is built here.
     """
     global _cache
     plans = list(all_plans)
@@ -217,7 +299,7 @@ def index_plans(all_plans: Sequence[SavePlan]) -> PlanIndex:
             and all(len(p.items) == n for p, n in zip(plans, lens))
         ):
             return idx
-    idx = PlanIndex(plans)
+    idx = PlanIndex(plans, digests)
     try:
         entry = ([weakref.ref(p) for p in plans], [len(p.items) for p in plans], idx)
     except TypeError:  # pragma: no cover - a plan type without weakref support

@@ -22,6 +22,7 @@ from dcplan.compat import MetadataIndex, SavePlan, WriteItem, WriteItemType
 from dcplan.config import Config, resolve_config
 from dcplan.errors import PlanMismatchError, PlanValidationError
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
+from dcplan.planning import plan_digest
 
 __all__ = ["SavePlanner", "RankPayload"]
 
@@ -34,12 +35,15 @@ class RankPayload:
 
     ``mapping`` is torch's flattening mapping (it ends up merged in the
     checkpoint's ``Metadata.planner_data``); ``agreement`` is what every rank must
-    share (strategy, options, plugins); ``cache`` is the plan cache's message.
+    share (strategy, options, plugins); ``cache`` is the plan cache's message;
+    ``digest`` is :func:`dcplan.planning.plan_digest` of the rank's full local
+    plan, so the coordinator indexes identical plans once.
     """
 
     mapping: Any
     agreement: tuple[Any, ...]
     cache: Any = None
+    digest: bytes | None = None
 
 
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
@@ -119,10 +123,11 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             if item.tensor_data is not None and item.tensor_data.chunk is not None:
                 self._local_chunks.setdefault(item.index.fqn, []).append((item.tensor_data.chunk, item.index))
         self.plan = plan
+        digest = plan_digest(plan.items)
         cache_msg = None
         if self.cache is not None:
             plan, cache_msg = self.cache.local_step(self, plan)
-        payload = RankPayload(mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg)
+        payload = RankPayload(mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg, digest=digest)
         self.timings["local"] = time.perf_counter() - t0
         return compat.replace_plan(plan, planner_data=payload)
 
@@ -168,7 +173,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             local_plans = [
                 compat.replace_plan(p, planner_data=pl.mapping) for p, pl in zip(all_plans, payloads)
             ]
-        global_plan, metadata = self.plan_global(local_plans)
+        global_plan, metadata = self.plan_global(local_plans, digests=[pl.digest for pl in payloads])
         if self.cache is not None:
             delta = self.cache.commit_global(self, local_plans, global_plan, metadata)
         else:
@@ -178,11 +183,20 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self.timings["global"] = time.perf_counter() - t0
         return delta, metadata
 
-    def plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
-        """Dedup, metadata, validation and report on full local plans (no caching)."""
+    def plan_global(
+        self, local_plans: list[SavePlan], digests: list[bytes | None] | None = None
+    ) -> tuple[list[SavePlan], Any]:
+        """Dedup, metadata, validation and report on full local plans (no caching).
+
+        :param digests: per rank, :func:`dcplan.planning.plan_digest` of its plan
+            (or ``None``): ranks with equal digests are indexed once.
+        """
         from dcplan.planning import paused_gc
+        from dcplan.report import index_plans
 
         with paused_gc():
+            # strategies and the report look the index up by these plan objects
+            index_plans(local_plans, digests)
             return self._plan_global(local_plans)
 
     def _plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -222,12 +221,10 @@ def _split(all_plans: Sequence[SavePlan], min_slice_bytes: int, max_slices: int)
     for k in sorted(pieces_of):
         for r, it in pieces_of[k]:
             slices.setdefault(r, []).append(it)
-    get = owner.__getitem__
     out = []
-    for rank, (plan, ids) in enumerate(zip(all_plans, idx.ids)):
-        items = list(itertools.compress(plan.items, map(rank.__eq__, map(get, ids))))
-        items += slices.get(rank, ())
-        out.append(replace_plan(plan, items=items))
+    for rank, plan in enumerate(idx.apply_owners(all_plans, owner)):  # split keys (owner -1) dropped
+        extra = slices.get(rank)
+        out.append(replace_plan(plan, items=plan.items + extra) if extra else plan)
     return out
 
 
