@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 import dcplan
 from dcplan import compat, planning
+from dcplan.compat import ChunkStorageMetadata, TensorProperties
 from dcplan.errors import PlanMismatchError, PlanValidationError
 from dcplan.testing.plans import bytes_item, plan, replicated_plans, tensor_item
 
@@ -107,6 +109,37 @@ def test_validation_agrees_with_torch(layout):
     if len(plans) == 1 and compat.torch_checks_single_plan_coverage():
         return  # torch < 2.9 also checks coverage of one-plan (rank-local) saves; dcplan follows 2.9+
     assert bool(ours) == bool(theirs), (ours, theirs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layouts(), st.integers(0, 40))
+def test_numpy_chunk_check_agrees_with_the_exact_check(layout, extra):
+    """Tensors with many chunks take the numpy path: same verdict as the exact per-chunk check."""
+    size, chunks = layout
+    if extra and len(chunks) > 1:  # more chunks: repeat some (overlaps) or push one out of bounds
+        chunks = chunks + chunks[: extra % len(chunks)]
+        if extra % 3 == 0:
+            chunks = chunks + [((size[0], 0), (1, size[1]))]
+    metadata = planning.Metadata(state_dict_metadata={
+        "w": planning.TensorStorageMetadata(
+            properties=TensorProperties(dtype=torch.float32), size=torch.Size(size),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(z)) for o, z in chunks],
+        )
+    })
+    gp = [plan([]), plan([])]
+    fast = planning._fast_chunk_check(metadata.state_dict_metadata["w"].chunks, size)
+    old = planning._NUMPY_MIN_CHUNKS
+    try:
+        planning._NUMPY_MIN_CHUNKS = 10**9
+        exact = planning.validate_global_plan(gp, metadata)
+        planning._NUMPY_MIN_CHUNKS = 2
+        mixed = planning.validate_global_plan(gp, metadata)
+    finally:
+        planning._NUMPY_MIN_CHUNKS = old
+    assert bool(mixed) == bool(exact), (mixed, exact)
+    if fast is not None:  # the numpy path only vouches for chunks that are in bounds and disjoint
+        assert not [e for e in exact if "invalid fill" not in e]
+        assert fast == sum(math.prod(z) for _, z in chunks)
 
 
 def test_build_global_plan_errors():

@@ -24,6 +24,7 @@ from dcplan.report import (
     holders_and_sizes,
     index_plans,
     lower_bound,
+    nbytes_list,
 )
 from dcplan.testing.plans import bytes_item, tensor_item
 
@@ -129,6 +130,9 @@ def test_fast_nbytes_matches_item_nbytes() -> None:
     items = [tensor_item("a", (3, 5), dtype=torch.bfloat16), tensor_item("b", (8, 4), (4, 0), (4, 4)),
              tensor_item("c", ()), tensor_item("d", (0, 2)), bytes_item("e", nbytes=77), bytes_item("f")]
     assert [fast_nbytes(i) for i in items] == [item_nbytes(i) for i in items]
+    for block in (1, 2, 3, 4096):  # blocks with and without object items
+        assert nbytes_list(items, block) == [item_nbytes(i) for i in items]
+        assert nbytes_list(items[:4], block) == [item_nbytes(i) for i in items[:4]]
     assert fmt_bytes(1536) == "1.50 KiB" and fmt_bytes(12) == "12 B"
 
 
@@ -204,3 +208,15 @@ def test_a_wrong_digest_match_is_caught_by_the_end_guard() -> None:
     fast = PlanIndex(plans, [b"same", b"same"])
     assert _index_state(fast) == _index_state(PlanIndex(plans))
     assert fast.ids[0] is not fast.ids[1]
+
+
+def test_index_handles_a_key_twice_in_one_plan() -> None:
+    """A plan listing the same key twice (new to the index) still gets one id for it."""
+    from dcplan.report import PlanIndex
+
+    a, b = _t("a", 4), _t("b", 4)
+    plans = [SavePlan([a, b, a]), SavePlan([b])]
+    idx = PlanIndex(plans)
+    assert [k.fqn for k in idx.keys] == ["a", "b"]
+    assert idx.ids == [[0, 1, 0], [1]]
+    assert idx.holders == [(0,), (0, 1)]

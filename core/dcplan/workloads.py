@@ -361,6 +361,7 @@ STANDARD: tuple[tuple[str, str, int | None], ...] = (
     ("fsdp", "7b", 64),
     ("hsdp8", "7b", 64),
     ("hsdp8", "70b", 512),
+    ("fsdp", "70b", 512),
     ("tp8pp4dp4", "13b", None),
     ("tp8pp8dp64", "70b", None),
     ("ddp", "7b", 4096),
