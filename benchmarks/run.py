@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-coordinator", action="store_true", help="skip the coordinator-step timing")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--only", default=None, metavar="TEXT", help="only workloads whose name contains TEXT")
+    parser.add_argument(
+        "--distinct", action="store_true",
+        help="give every rank its own item objects, as plans gathered from real processes are (slower to build)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -198,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
 
     repeat = args.repeat or (3 if args.quick else 1)
     print(f"# dcplan balance benchmark (torch {torch.__version__}, python {sys.version.split()[0]}, "
-          f"{'quick' if args.quick else 'full'}, best of {repeat})")
+          f"{'quick' if args.quick else 'full'}, best of {repeat}{', distinct item objects' if args.distinct else ''})")
     results = []
-    for wl in workloads.standard_workloads(quick=args.quick, only=args.only):
+    for wl in workloads.standard_workloads(quick=args.quick, only=args.only, distinct=args.distinct):
         res = bench_workload(wl, repeat, not args.no_coordinator)
         results.append(res)
         print("\n".join(_fmt_row(res)), flush=True)

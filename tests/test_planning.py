@@ -279,3 +279,24 @@ def test_bad_strategy_output_is_refused_before_writing():
     planners = [dcplan.SavePlanner(strategy="twice", plugin_manager=pm) for _ in range(2)]
     with pytest.raises(PlanValidationError, match="written by rank 0 and rank 1.*nothing was written|nothing was written.*written by rank 0 and rank 1"):
         _drive(planners, [{"a": torch.zeros(2)}] * 2)
+
+
+def test_paused_gc_restores_the_collector_and_respects_frozen_objects():
+    import gc
+
+    assert gc.isenabled()
+    with planning.paused_gc():
+        assert not gc.isenabled()
+        with planning.paused_gc():  # re-entrant
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # an application that froze objects itself (e.g. before fork) keeps them frozen
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with planning.paused_gc():
+            _ = [[i] for i in range(1000)]
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+    finally:
+        gc.unfreeze()

@@ -127,7 +127,9 @@ def paused_gc() -> Iterator[None]:
     generation (``gc.freeze`` + ``gc.unfreeze``, both O(1)) instead of being
     walked by the first young collection after the pause (seconds for millions
     of plan objects); most of them are freed by reference counting before a
-    full collection would look at them.
+    full collection would look at them. Skipped when the application keeps
+    objects frozen itself (``gc.get_freeze_count() > 0``, e.g. before forking
+    workers): their frozen state is left alone.
     """
     was = gc.isenabled()
     gc.disable()
@@ -135,8 +137,9 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         if was:
-            gc.freeze()
-            gc.unfreeze()
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
@@ -214,7 +217,7 @@ def build_global_plan(
                         "(the dedup strategy must give each item to exactly one rank)"
                     )
                     continue
-            ck = (fqn, chunk.offsets)  # torch.Size hashes and compares as a tuple
+            ck: tuple[str, Any] = (fqn, chunk.offsets)  # torch.Size hashes and compares as a tuple
             try:
                 dup = ck in seen_chunks
             except TypeError:  # offsets given as a list by a plugin

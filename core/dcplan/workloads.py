@@ -217,9 +217,11 @@ def _shard_items(
 
 
 def _copy(item: WriteItem) -> WriteItem:
+    """A copy with its own index, offset and fqn string objects (as an unpickled plan has)."""
     idx = item.index
+    fqn = (" " + idx.fqn)[1:]  # an equal string, not the same object
     return WriteItem(
-        index=MetadataIndex(idx.fqn, torch.Size(idx.offset) if idx.offset is not None else None),
+        index=MetadataIndex(fqn, torch.Size(idx.offset) if idx.offset is not None else None),
         type=item.type,
         tensor_data=item.tensor_data,
     )
@@ -377,10 +379,14 @@ QUICK: tuple[tuple[str, str, int | None], ...] = (
 )
 
 
-def standard_workloads(quick: bool = False, only: str | None = None) -> Iterator[Workload]:
-    """The benchmark workloads, built lazily one at a time (``only``: name substring filter)."""
+def standard_workloads(quick: bool = False, only: str | None = None, distinct: bool = False) -> Iterator[Workload]:
+    """The benchmark workloads, built lazily one at a time (``only``: name substring filter).
+
+    :param distinct: every rank gets its own item objects, as in plans gathered
+        from real processes (slower to build, more memory).
+    """
     for layout, model, world in QUICK if quick else STANDARD:
         name = f"{model} {layout}" + (f" x{world}" if world else "")
         if only and only not in name:
             continue
-        yield make(layout, model, world)
+        yield make(layout, model, world, distinct=distinct)
