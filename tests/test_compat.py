@@ -214,3 +214,24 @@ def test_strides_metadata_reads_from_2_15() -> None:
     md = read_metadata_file(io.BytesIO(pickle.dumps(compat.Metadata(state_dict_metadata={}))))
     assert isinstance(md, compat.Metadata)
     assert not compat.METADATA_FORMAT_GUARD
+
+
+def test_with_index_hint_keeps_every_field_on_both_paths(monkeypatch) -> None:
+    from dcplan import planning
+
+    items = [tensor_item("w", (8, 4), (4, 0), (4, 4), shard=True), bytes_item("o", nbytes=5)]
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(compat, "ITEMS_COPY_BY_DICT", False)
+        for item in items:
+            new = compat.with_index_hint(item, 3)
+            assert new.index.index == 3 and item.index.index != 3  # the input is untouched
+            assert new.index == item.index  # fqn and offset (equality ignores the hint)
+            for f in compat._fields(type(item)) - {"index"}:
+                assert getattr(new, f) == getattr(item, f)
+        gp, md, errors = planning.build_global_plan([plan([items[0]]), plan([items[1]])])
+        assert not errors and gp[0].items[0].index.index == 0 and gp[0].items[0].tensor_data == items[0].tensor_data
+    monkeypatch.undo()
+    # the flag tells the truth about this torch
+    idx = compat.MetadataIndex("x", (0,), 1)
+    assert compat.ITEMS_COPY_BY_DICT == ("fqn" in getattr(idx, "__dict__", {}))

@@ -143,10 +143,6 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-_new = object.__new__
-_MI = MetadataIndex
-
-
 def build_global_plan(
     all_plans: Sequence[SavePlan], *, merge_planner_data: bool = True
 ) -> tuple[list[SavePlan], Metadata, list[str]]:
@@ -165,7 +161,7 @@ def build_global_plan(
     new_plans: list[SavePlan] = []
     byte_io, shard = WriteItemType.BYTE_IO, WriteItemType.SHARD
     tsm = TensorStorageMetadata
-    new_obj, mi = _new, _MI
+    new_obj, mi, by_dict = object.__new__, MetadataIndex, compat.ITEMS_COPY_BY_DICT
     for rank, plan in enumerate(all_plans):
         new_items: list[WriteItem] = []
         append = new_items.append
@@ -231,18 +227,20 @@ def build_global_plan(
                 continue
             seen_add(ck)
             chunks = existing.chunks
-            # a copy of item with index.index = its chunk's position: like two dataclasses.replace
-            # calls, 20x cheaper; it keeps every field the item has (fields differ across torch
-            # versions; WriteItem and MetadataIndex use no slots on torch 2.4-2.15)
-            new_index = new_obj(mi)
-            d = new_index.__dict__
-            d.update(item.index.__dict__)
-            d["index"] = len(chunks)
-            new = new_obj(item.__class__)
-            d = new.__dict__
-            d.update(item.__dict__)
-            d["index"] = new_index
-            append(new)
+            # a copy of item with index.index = its chunk's position; inlined
+            # compat.with_index_hint (every field kept, 20x cheaper than dataclasses.replace)
+            if by_dict:
+                new_index = new_obj(mi)
+                d = new_index.__dict__
+                d.update(item.index.__dict__)
+                d["index"] = len(chunks)
+                new = new_obj(item.__class__)
+                d = new.__dict__
+                d.update(item.__dict__)
+                d["index"] = new_index
+                append(new)
+            else:
+                append(compat.with_index_hint(item, len(chunks)))
             chunks.append(chunk)
         new_plans.append(compat.replace_plan(plan, items=new_items))
 
