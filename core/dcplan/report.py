@@ -133,7 +133,7 @@ class PlanIndex:
     """
 
     __slots__ = (
-        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_rep_of", "_flat", "_bounds", "__weakref__"
+        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_members", "_flat", "_bounds", "__weakref__"
     )
 
     def __init__(self, all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> None:
@@ -190,8 +190,11 @@ class PlanIndex:
         self.keys = keys
         self.first = first
         self.ids = all_ids
-        self._rep_of = rep_of
-        self.holders, self._flat, self._bounds = _holders(all_ids, rep_of, len(keys))
+        # each distinct plan's lowest rank -> every rank sharing its id list (ascending)
+        self._members: dict[int, list[int]] = {}
+        for rank, rep in enumerate(rep_of):
+            self._members.setdefault(rep, []).append(rank)
+        self.holders, self._flat, self._bounds = _holders(all_ids, self._members, len(keys))
         self._nbytes: list[int] | None = None
 
     @property
@@ -221,11 +224,8 @@ class PlanIndex:
         import numpy as np
 
         own = np.asarray(owner, dtype=np.int64)
-        members: dict[int, list[int]] = {}
-        for rank, rep in enumerate(self._rep_of):
-            members.setdefault(rep, []).append(rank)
         keep: list[list[int]] = [[] for _ in all_plans]
-        for rep, ranks in members.items():
+        for rep, ranks in self._members.items():
             seg = self._flat[self._bounds[rep] : self._bounds[rep + 1]]
             if not len(seg):
                 continue
@@ -257,30 +257,29 @@ def _same_ends(a: Sequence[WriteItem], b: Sequence[WriteItem]) -> bool:
     return all(_KEY(a[i]) == _KEY(b[i]) for i in {0, len(a) // 2, len(a) - 1})
 
 
-def _holders(all_ids: Sequence[Sequence[int]], rep_of: Sequence[int], n: int) -> tuple[list[tuple[int, ...]], Any, list[int]]:
+def _holders(
+    all_ids: Sequence[Sequence[int]], members: Mapping[int, Sequence[int]], n: int
+) -> tuple[list[tuple[int, ...]], Any, list[int]]:
     """Per key id, the ranks whose id lists contain it (ascending, no duplicates).
 
-    Also returns the concatenated id lists of the distinct plans (``rep_of[r] == r``)
-    as one numpy array and each rank's start offset in it (only valid for ranks
-    that are their own representative; ``bounds[r + 1]`` is the end).
+    ``members`` maps each distinct plan's lowest rank to the ranks sharing its id
+    list. Also returns the concatenated id lists of the distinct plans as one
+    numpy array and each rank's start offset in it (only valid for the ranks
+    that are keys of ``members``; ``bounds[r + 1]`` is the end).
     """
     import numpy as np
 
     world = len(all_ids)
-    counts = [len(all_ids[r]) if rep_of[r] == r else 0 for r in range(world)]
+    counts = [len(all_ids[r]) if r in members else 0 for r in range(world)]
     total = sum(counts)
     bounds = [0]
     for c in counts:
         bounds.append(bounds[-1] + c)
     flat = np.fromiter(
-        itertools.chain.from_iterable(all_ids[r] for r in range(world) if rep_of[r] == r), dtype=np.int64, count=total
+        itertools.chain.from_iterable(all_ids[r] for r in range(world) if r in members), dtype=np.int64, count=total
     )
     if total == 0 or n == 0:
         return [() for _ in range(n)], flat, bounds
-    members: dict[int, list[int]] = {}
-    for r, rep in enumerate(rep_of):
-        members.setdefault(rep, []).append(r)
-    reps = sorted(members)
     # (key, distinct plan) pairs, sorted by key; plans in ascending representative order
     plan_no = np.repeat(np.arange(world, dtype=np.int64), counts)
     order = np.argsort(flat, kind="stable")
@@ -296,9 +295,9 @@ def _holders(all_ids: Sequence[Sequence[int]], rep_of: Sequence[int], n: int) ->
             fp = fp[keep]
     kb = np.searchsorted(fk, np.arange(n + 1, dtype=np.int64)).tolist()
     pl = fp.tolist()
-    group = {rep: tuple(members[rep]) for rep in reps}
-    if len(reps) == world:  # no shared plans: the plan numbers are the ranks
+    if len(members) == world:  # no shared plans: the plan numbers are the ranks
         return [tuple(pl[kb[k] : kb[k + 1]]) for k in range(n)], flat, bounds
+    group = {rep: tuple(ranks) for rep, ranks in members.items()}
     out: list[tuple[int, ...]] = []
     append = out.append
     for k in range(n):
