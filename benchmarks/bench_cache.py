@@ -92,7 +92,7 @@ def rank_bench(rank: int, world: int, root: str, n: int, saves: int, modes: list
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
-    from dcplan.cache import clear_plan_caches
+    from dcplan.save.cache import clear_plan_caches
 
     clear_plan_caches()
     sd = make_state(rank, n)

@@ -40,7 +40,7 @@ TARGET_COORDINATOR_SPEEDUP = 3.0
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    from dcplan.report import clear_index_cache
+    from dcplan.save.index import clear_index_cache
 
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -57,8 +57,9 @@ def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 
 def bench_workload(wl: Any, repeat: int, coordinator: bool) -> dict[str, Any]:
     from dcplan import compat
-    from dcplan.cli_plan import strategy_runs
-    from dcplan.report import build_report, index_plans
+    from dcplan.cli.plan import strategy_runs
+    from dcplan.save.index import index_plans
+    from dcplan.save.report import build_report
 
     idx = index_plans(wl.plans)
     rows: dict[str, Any] = {}
@@ -87,8 +88,8 @@ def bench_workload(wl: Any, repeat: int, coordinator: bool) -> dict[str, Any]:
     del idx
     if coordinator:
         import dcplan
-        from dcplan.planning import plan_digest
-        from dcplan.save_planner import RankPayload
+        from dcplan.save.local import plan_digest
+        from dcplan.save.planner import RankPayload
 
         plans = [compat.replace_plan(p, planner_data={}) for p in wl.plans]
         t_torch, _ = _best(lambda: compat.torch_create_global_plan(compat.torch_default_save_planner(), plans), repeat)

@@ -88,7 +88,7 @@ def config_md() -> str:
 
 # ------------------------------------------------------------------ CLI
 def cli_md() -> str:
-    from dcplan.cli import build_parser
+    from dcplan.cli.main import build_parser
 
     os.environ["COLUMNS"] = "100"
     parser = build_parser()
@@ -175,7 +175,7 @@ def demo_report_md(world_size: int = 4) -> str:
 
     import torch
 
-    from dcplan.demo import demo_rank
+    from dcplan.cli.demo import demo_rank
     from dcplan.testing.procs import GlooPool
 
     names = [n for n, _, _ in repo_strategies()]
@@ -219,7 +219,7 @@ def plan_report_md() -> str:
     env = dict(os.environ, COLUMNS="120", DCPLAN_LOAD_PLUGINS=",".join(repo_distributions()[1:]))
     parts = [HEADER]
     for layout, model, ranks in PLAN_LAYOUTS:
-        cmd = [sys.executable, "-m", "dcplan.cli", "plan", "--layout", layout, "--model", model, "--max-rows", "0"]
+        cmd = [sys.executable, "-m", "dcplan.cli.main", "plan", "--layout", layout, "--model", model, "--max-rows", "0"]
         if ranks:
             cmd += ["--ranks", ranks]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from dcplan import planning
 from dcplan.compat import SavePlan, WriteItemType
+from dcplan.save.metadata import build_global_plan
+from dcplan.save.validate import validate_global_plan
 from dcplan.testing.plans import bytes_item, tensor_item
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.uint8]
@@ -74,9 +75,9 @@ def check_dedup(local: Sequence[SavePlan], out: Sequence[SavePlan]) -> None:
         for it in p.items:
             held.setdefault((r, it.index.fqn), []).append(it)
             sizes[it.index.fqn] = it.tensor_data.size if it.tensor_data is not None else None
-    global_plan, metadata, errors = planning.build_global_plan(out)
+    global_plan, metadata, errors = build_global_plan(out)
     assert errors == []
-    errors = planning.validate_global_plan(global_plan + [SavePlan([])], metadata)  # force the coverage check
+    errors = validate_global_plan(global_plan + [SavePlan([])], metadata)  # force the coverage check
     assert errors == []
     assert set(metadata.state_dict_metadata) == set(sizes)
     written: dict[str, int] = {}

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 import dcplan
 from dcplan import compat
-from dcplan.cache import clear_plan_caches
+from dcplan.save.cache import clear_plan_caches
 
 TORCH_HAS_PLAN_CACHING = "enable_plan_caching" in inspect.signature(compat.DefaultSavePlanner.__init__).parameters
 
@@ -85,7 +85,7 @@ def one_rank_changes(rank: int, world: int, root: str) -> dict[str, Any]:
         "keys": keys,
         "w": loaded["w"].sum().item(),
         "extra": loaded["extra"].tolist(),
-        "stats": dict(dcplan.cache.get_store().stats),
+        "stats": dict(dcplan.save.cache.get_store().stats),
     }
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dcplan.compat import replace_plan
-from dcplan.planning import item_key, item_nbytes
+from dcplan.save.local import item_key, item_nbytes
 
 
 def good_lowest(all_plans: Sequence[Any]) -> list[Any]:

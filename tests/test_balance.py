@@ -13,7 +13,8 @@ from hypothesis import given, settings
 import dcplan
 from dcplan import compat, workloads
 from dcplan.compat import SavePlan
-from dcplan.report import build_report, index_plans
+from dcplan.save.index import index_plans
+from dcplan.save.report import build_report
 from dcplan.testing.plans import bytes_item, tensor_item
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,7 +1,7 @@
 """Plan caching without processes: N simulated ranks drive the real planner protocol.
 
 Each simulated rank has its own :class:`dcplan.SavePlanner` and its own
-:class:`dcplan.cache.CacheStore`; plans travel through ``pickle`` (as gloo's
+:class:`dcplan.save.cache.CacheStore`; plans travel through ``pickle`` (as gloo's
 gather/scatter do) and torch's real ``FileSystemWriter.prepare_global_plan``.
 A cold planner (no cache) runs the same saves side by side: the cached run must
 produce exactly its global plan, metadata and final plans.
@@ -23,11 +23,20 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint import FileSystemWriter
 
 import dcplan
-from dcplan import compat, planning
-from dcplan.cache import CacheAck, CacheMsg, CacheStore, PlanCache, PlanCacheError, default_namespace, plan_fingerprint
+from dcplan import compat
 from dcplan.errors import PlanValidationError
 from dcplan.manager import DcplanPluginManager, hookimpl
-from dcplan.save_planner import RankPayload
+from dcplan.save.cache import (
+    CacheAck,
+    CacheMsg,
+    CacheStore,
+    PlanCache,
+    PlanCacheError,
+    default_namespace,
+    plan_fingerprint,
+)
+from dcplan.save.local import create_local_save_plan
+from dcplan.save.planner import RankPayload
 from dcplan.testing.plans import tensor_item
 
 # ----------------------------------------------------------------- simulation
@@ -54,7 +63,7 @@ class ShardPlugin:
     @hookimpl
     def dcplan_create_local_save_plan(self, planner: Any, state_dict: dict[str, Any], is_coordinator: bool) -> Any:
         plain = {k: v for k, v in state_dict.items() if not isinstance(v, Shard)}
-        plan = planning.create_local_save_plan(plain)
+        plan = create_local_save_plan(plain)
         shards = [
             tensor_item(k, v.size, v.offsets, v.sizes, dtype=v.dtype)
             for k, v in state_dict.items()
@@ -531,7 +540,7 @@ def test_fingerprint_covers_every_item_field() -> None:
 
 def test_fingerprint_ignores_pythonhashseed() -> None:
     code = (
-        "from dcplan import compat; from dcplan.cache import plan_fingerprint;"
+        "from dcplan import compat; from dcplan.save.cache import plan_fingerprint;"
         "from dcplan.testing.plans import tensor_item, bytes_item;"
         "p = compat.replace_plan(compat.SavePlan([tensor_item('a', (2,)), tensor_item('b', (4, 1), (2, 0), (2, 1)),"
         " bytes_item('c', 7)]), planner_data={'a': ('a',), 'b': ('b',), 'c': ('c',)});"

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dcplan import compat
-from dcplan.cli import main
+from dcplan.cli.main import main
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -128,7 +128,7 @@ def test_missing_empty_load_plugin_is_a_clear_error(ckpt, tmp_path, capsys, monk
 def test_cli_module_does_not_import_the_plugin():
     import subprocess
 
-    code = ("import sys, dcplan.cli as c; c.build_parser(); "
+    code = ("import sys, dcplan.cli.main as c; c.build_parser(); "
             "print('dcplan_empty_load' in sys.modules, 'dcplan_partial_load' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "False"

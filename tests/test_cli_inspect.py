@@ -12,7 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dcplan import compat
-from dcplan.cli import main
+from dcplan.cli.main import main
 
 
 @pytest.fixture()

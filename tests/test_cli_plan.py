@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dcplan.cli import main
+from dcplan.cli.main import main
 
 
 def test_table_has_torch_modes_and_every_strategy(capsys: pytest.CaptureFixture[str]) -> None:

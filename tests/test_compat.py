@@ -15,7 +15,7 @@ import torch
 
 import dcplan
 from dcplan import compat
-from dcplan.safe import MetadataVersionError, read_metadata_file
+from dcplan.load.safe import MetadataVersionError, read_metadata_file
 from dcplan.testing.plans import bytes_item, plan, tensor_item
 
 
@@ -217,7 +217,7 @@ def test_strides_metadata_reads_from_2_15() -> None:
 
 
 def test_with_index_hint_keeps_every_field_on_both_paths(monkeypatch) -> None:
-    from dcplan import planning
+    from dcplan.save.metadata import build_global_plan
 
     items = [tensor_item("w", (8, 4), (4, 0), (4, 4), shard=True), bytes_item("o", nbytes=5)]
     for fast in (True, False):
@@ -229,7 +229,7 @@ def test_with_index_hint_keeps_every_field_on_both_paths(monkeypatch) -> None:
             assert new.index == item.index  # fqn and offset (equality ignores the hint)
             for f in compat._fields(type(item)) - {"index"}:
                 assert getattr(new, f) == getattr(item, f)
-        gp, md, errors = planning.build_global_plan([plan([items[0]]), plan([items[1]])])
+        gp, md, errors = build_global_plan([plan([items[0]]), plan([items[1]])])
         assert not errors and gp[0].items[0].index.index == 0 and gp[0].items[0].tensor_data == items[0].tensor_data
     monkeypatch.undo()
     # the flag tells the truth about this torch

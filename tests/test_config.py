@@ -134,7 +134,7 @@ def test_cli_config_shows_sources(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("DCPLAN_")}
     env["DCPLAN_PLAN_CACHE"] = "1"
     out = subprocess.run(
-        [sys.executable, "-m", "dcplan.cli", "config", "--json"], cwd=tmp_path, env=env,
+        [sys.executable, "-m", "dcplan.cli.main", "config", "--json"], cwd=tmp_path, env=env,
         capture_output=True, text=True, check=True,
     ).stdout
     data = json.loads(out)
@@ -142,7 +142,7 @@ def test_cli_config_shows_sources(tmp_path):
     assert data["plan_cache"] == {"value": True, "source": "environment (DCPLAN_*)"}
     assert data["validate"]["source"] == "default"
     text = subprocess.run(
-        [sys.executable, "-m", "dcplan.cli", "config"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "dcplan.cli.main", "config"], cwd=tmp_path, env=env, capture_output=True, text=True,
         check=True,
     ).stdout
     assert "lowest_rank" in text and "dcplan.toml" in text
@@ -150,6 +150,6 @@ def test_cli_config_shows_sources(tmp_path):
 
 def test_cli_config_error_is_one_line(tmp_path):
     (tmp_path / "dcplan.toml").write_text("nope = 1\n")
-    proc = subprocess.run([sys.executable, "-m", "dcplan.cli", "config"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dcplan.cli.main", "config"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("dcplan: error: unknown dcplan config key") and "Traceback" not in proc.stderr

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dcplan import compat
-from dcplan.cli import main as cli_main
+from dcplan.cli.main import main as cli_main
 from dcplan.testing.xver import MANIFEST, read_checkpoint
 
 DATA = Path(__file__).parent / "data" / "xver"

@@ -18,7 +18,7 @@ import _load_fns as fns  # noqa: E402
 
 import dcplan  # noqa: E402
 from dcplan import compat  # noqa: E402
-from dcplan.cli import main as cli_main  # noqa: E402
+from dcplan.cli.main import main as cli_main  # noqa: E402
 from dcplan.testing.procs import GlooPool  # noqa: E402
 from dcplan_empty_load import EmptyLoadPlanner, KeySelectionError, load_checkpoint, select_keys  # noqa: E402
 

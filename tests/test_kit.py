@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import _kit_broken as broken  # noqa: E402
 
-from dcplan.planning import item_nbytes  # noqa: E402
+from dcplan.save.local import item_nbytes  # noqa: E402
 from dcplan.testing import kit  # noqa: E402
 from dcplan.testing.plans import bytes_item, plan, tensor_item  # noqa: E402
 

@@ -13,7 +13,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import dcplan
-from dcplan import compat, planning
+from dcplan import compat
+from dcplan.save.local import create_local_save_plan
+from dcplan.save.metadata import build_global_plan
 from dcplan.testing.kit import save_and_load
 
 
@@ -35,7 +37,7 @@ def test_create_local_save_plan_can_leave_keys_out(tmp_path):
         def dcplan_create_local_save_plan(self, planner, state_dict, is_coordinator):
             self.calls.append("local")
             assert is_coordinator
-            plan = planning.create_local_save_plan({k: v for k, v in state_dict.items() if k != "b"})
+            plan = create_local_save_plan({k: v for k, v in state_dict.items() if k != "b"})
             return plan
 
     plugin = DropB()
@@ -63,7 +65,7 @@ def test_create_save_metadata_answer_is_what_is_written(tmp_path):
         @dcplan.hookimpl
         def dcplan_create_save_metadata(self, all_plans, config):
             self.calls.append("metadata")
-            global_plan, md, errors = planning.build_global_plan(all_plans)
+            global_plan, md, errors = build_global_plan(all_plans)
             assert not errors
             marked = dict(md.planner_data or {})
             marked["dcplan_test_marker"] = ("marker",)

@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _load_fns as fns  # noqa: E402
 
 import dcplan  # noqa: E402
-from dcplan.load_planner import LoadReport, Mismatch  # noqa: E402
+from dcplan.load.planner import Mismatch  # noqa: E402
+from dcplan.load.report import LoadReport
 from dcplan.testing.procs import GlooPool  # noqa: E402
 
 WORLD = 3

@@ -12,15 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dcplan
-from dcplan import compat, planning
+from dcplan import compat
 from dcplan.compat import ChunkStorageMetadata, TensorProperties
 from dcplan.errors import PlanMismatchError, PlanValidationError
+from dcplan.gcpause import paused_gc
+from dcplan.save import validate as validate_mod
+from dcplan.save.metadata import build_global_plan
+from dcplan.save.validate import validate_global_plan
 from dcplan.testing.plans import bytes_item, plan, replicated_plans, tensor_item
 
 
 def _metadata(chunks, size):
     plans = [plan([tensor_item("w", size, c[0], c[1], shard=len(chunks) > 1)]) for c in chunks]
-    gp, md, errors = planning.build_global_plan(plans)
+    gp, md, errors = build_global_plan(plans)
     assert not errors
     return gp, md
 
@@ -40,7 +44,7 @@ def _grid(size, splits):
 @pytest.mark.parametrize("splits", [(1, 64), (64, 1), (8, 8), (3, 5)])
 def test_valid_grid_layouts(splits):
     gp, md = _metadata(_grid((64, 64), splits), (64, 64))
-    assert planning.validate_global_plan(gp, md) == []
+    assert validate_global_plan(gp, md) == []
     assert compat.torch_validate_global_plan(gp, md) == []
 
 
@@ -48,28 +52,28 @@ def test_overlap_detected_in_grid():
     chunks = _grid((8, 8), (2, 2))
     chunks.append(chunks[0])
     plans = [plan([tensor_item("w", (8, 8), c[0], c[1])]) for c in chunks]
-    gp, md, errors = planning.build_global_plan(plans)
+    gp, md, errors = build_global_plan(plans)
     assert any("written twice" in e for e in errors)
 
 
 def test_overlap_detected_irregular():
     chunks = [((0, 0), (4, 8)), ((2, 2), (4, 4)), ((6, 0), (2, 8)), ((4, 0), (2, 2)), ((4, 6), (2, 2))]
     gp, md = _metadata(chunks, (8, 8))
-    errors = planning.validate_global_plan(gp, md)
+    errors = validate_global_plan(gp, md)
     assert any("overlapping" in e for e in errors)
     assert compat.torch_validate_global_plan(gp, md)
 
 
 def test_out_of_bounds_and_coverage():
     gp, md = _metadata([((0,), (4,)), ((4,), (5,))], (8,))
-    assert any("out of bounds" in e for e in planning.validate_global_plan(gp, md))
+    assert any("out of bounds" in e for e in validate_global_plan(gp, md))
     gp, md = _metadata([((0,), (4,)), ((5,), (3,))], (8,))
-    assert any("invalid fill" in e for e in planning.validate_global_plan(gp, md))
+    assert any("invalid fill" in e for e in validate_global_plan(gp, md))
 
 
 def test_single_plan_skips_coverage_like_torch():
     gp, md = _metadata([((0,), (4,))], (8,))
-    assert planning.validate_global_plan(gp, md) == []
+    assert validate_global_plan(gp, md) == []
 
 
 def test_shard_along_non_largest_dim_uses_grid_path():
@@ -77,7 +81,7 @@ def test_shard_along_non_largest_dim_uses_grid_path():
     n = 4096
     chunks = [((0, i), (8192, 1)) for i in range(n)]
     gp, md = _metadata(chunks, (8192, n))
-    assert planning.validate_global_plan(gp, md) == []
+    assert validate_global_plan(gp, md) == []
 
 
 @st.composite
@@ -102,9 +106,9 @@ def test_validation_agrees_with_torch(layout):
     plans = [plan([tensor_item("w", size, c[0], c[1], shard=len(chunks) > 1)]) for c in chunks]
     if len({c[0] for c in chunks}) != len(chunks):
         return  # same offset twice is a duplicate item, caught by build_global_plan
-    gp, md, errors = planning.build_global_plan(plans)
+    gp, md, errors = build_global_plan(plans)
     assert not errors
-    ours = planning.validate_global_plan(gp, md)
+    ours = validate_global_plan(gp, md)
     theirs = compat.torch_validate_global_plan(gp, md)
     if len(plans) == 1 and compat.torch_checks_single_plan_coverage():
         return  # torch < 2.9 also checks coverage of one-plan (rank-local) saves; dcplan follows 2.9+
@@ -120,22 +124,22 @@ def test_numpy_chunk_check_agrees_with_the_exact_check(layout, extra):
         chunks = chunks + chunks[: extra % len(chunks)]
         if extra % 3 == 0:
             chunks = chunks + [((size[0], 0), (1, size[1]))]
-    metadata = planning.Metadata(state_dict_metadata={
-        "w": planning.TensorStorageMetadata(
+    metadata = compat.Metadata(state_dict_metadata={
+        "w": compat.TensorStorageMetadata(
             properties=TensorProperties(dtype=torch.float32), size=torch.Size(size),
             chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(z)) for o, z in chunks],
         )
     })
     gp = [plan([]), plan([])]
-    fast = planning._fast_chunk_check(metadata.state_dict_metadata["w"].chunks, size)
-    old = planning._NUMPY_MIN_CHUNKS
+    fast = validate_mod._fast_chunk_check(metadata.state_dict_metadata["w"].chunks, size)
+    old = validate_mod._NUMPY_MIN_CHUNKS
     try:
-        planning._NUMPY_MIN_CHUNKS = 10**9
-        exact = planning.validate_global_plan(gp, metadata)
-        planning._NUMPY_MIN_CHUNKS = 2
-        mixed = planning.validate_global_plan(gp, metadata)
+        validate_mod._NUMPY_MIN_CHUNKS = 10**9
+        exact = validate_global_plan(gp, metadata)
+        validate_mod._NUMPY_MIN_CHUNKS = 2
+        mixed = validate_global_plan(gp, metadata)
     finally:
-        planning._NUMPY_MIN_CHUNKS = old
+        validate_mod._NUMPY_MIN_CHUNKS = old
     assert bool(mixed) == bool(exact), (mixed, exact)
     if fast is not None:  # the numpy path only vouches for chunks that are in bounds and disjoint
         assert not [e for e in exact if "invalid fill" not in e]
@@ -145,18 +149,18 @@ def test_numpy_chunk_check_agrees_with_the_exact_check(layout, extra):
 def test_build_global_plan_errors():
     a = tensor_item("w", (4,), dtype=torch.float32)
     b = tensor_item("w", (4,), dtype=torch.int64)
-    _, _, errors = planning.build_global_plan([plan([a]), plan([b])])
+    _, _, errors = build_global_plan([plan([a]), plan([b])])
     assert any("dtype torch.float32 on rank 0 but torch.int64 on rank 1" in e for e in errors)
-    _, _, errors = planning.build_global_plan([plan([a]), plan([a])])
+    _, _, errors = build_global_plan([plan([a]), plan([a])])
     assert any("written by rank 0 and rank 1" in e for e in errors)
-    _, _, errors = planning.build_global_plan([plan([bytes_item("o")]), plan([bytes_item("o")])])
+    _, _, errors = build_global_plan([plan([bytes_item("o")]), plan([bytes_item("o")])])
     assert any("written by rank 0 and rank 1" in e for e in errors)
 
 
 def test_build_global_plan_rewrites_hints_and_merges_mappings():
     p0 = compat.replace_plan(plan([tensor_item("w", (4,), (0,), (2,))]), planner_data={"w": ("w",)})
     p1 = compat.replace_plan(plan([tensor_item("w", (4,), (2,), (2,)), bytes_item("x.y")]), planner_data={"x.y": ("x", "y")})
-    gp, md, errors = planning.build_global_plan([p0, p1])
+    gp, md, errors = build_global_plan([p0, p1])
     assert not errors
     assert [i.index.index for i in gp[1].items if i.tensor_data] == [1]
     assert md.planner_data == {"w": ("w",), "x.y": ("x", "y")}
@@ -285,9 +289,9 @@ def test_paused_gc_restores_the_collector_and_respects_frozen_objects():
     import gc
 
     assert gc.isenabled()
-    with planning.paused_gc():
+    with paused_gc():
         assert not gc.isenabled()
-        with planning.paused_gc():  # re-entrant
+        with paused_gc():  # re-entrant
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert gc.isenabled() and gc.get_freeze_count() == 0
@@ -295,7 +299,7 @@ def test_paused_gc_restores_the_collector_and_respects_frozen_objects():
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        with planning.paused_gc():
+        with paused_gc():
             _ = [[i] for i in range(1000)]
         assert gc.get_freeze_count() == frozen and gc.isenabled()
     finally:

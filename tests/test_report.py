@@ -14,18 +14,10 @@ from hypothesis import given, settings
 import dcplan
 from dcplan import workloads
 from dcplan.compat import SavePlan
-from dcplan.planning import item_nbytes
-from dcplan.report import (
-    build_report,
-    compare_table,
-    divisible_lower_bound,
-    fast_nbytes,
-    fmt_bytes,
-    holders_and_sizes,
-    index_plans,
-    lower_bound,
-    nbytes_list,
-)
+from dcplan.fmt import fmt_bytes
+from dcplan.save.index import fast_nbytes, holders_and_sizes, index_plans, nbytes_list
+from dcplan.save.local import item_nbytes
+from dcplan.save.report import build_report, compare_table, divisible_lower_bound, lower_bound
 from dcplan.testing.plans import bytes_item, tensor_item
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -164,8 +156,8 @@ def _with_copies(plans: list[SavePlan], copies: list[int]) -> list[SavePlan]:
     __import__("hypothesis").strategies.integers(0, 3), max_size=4))
 def test_plan_digests_change_speed_not_results(plans: list[SavePlan], copies: list[int]) -> None:
     """Ranks with equal plan digests are indexed once; holders, ids, owners and plans stay the same."""
-    from dcplan.planning import plan_digest
-    from dcplan.report import PlanIndex, clear_index_cache
+    from dcplan.save.index import PlanIndex, clear_index_cache
+    from dcplan.save.local import plan_digest
 
     plans = _with_copies(plans, copies)
     digests = [plan_digest(p.items) for p in plans]
@@ -190,8 +182,8 @@ def _snap(plans: list[SavePlan]) -> list:
 
 def test_plan_digest_sharing_on_replicated_layouts() -> None:
     """DDP: every rank shares rank 0's id list; HSDP: ranks r and r + shard share; results unchanged."""
-    from dcplan.planning import plan_digest
-    from dcplan.report import PlanIndex
+    from dcplan.save.index import PlanIndex
+    from dcplan.save.local import plan_digest
 
     for plans, period in ((workloads.ddp("tiny", 6, distinct=True), 1), (workloads.hsdp("tiny", 8, shard=4, distinct=True), 4)):
         digests = [plan_digest(p.items) for p in plans]
@@ -202,7 +194,7 @@ def test_plan_digest_sharing_on_replicated_layouts() -> None:
 
 def test_a_wrong_digest_match_is_caught_by_the_end_guard() -> None:
     """Equal digests with different first/last keys (a bug elsewhere) fall back to a full index."""
-    from dcplan.report import PlanIndex
+    from dcplan.save.index import PlanIndex
 
     plans = _plans(2, {"a": (10, (0,)), "b": (10, (1,)), "c": (10, (0, 1))})
     fast = PlanIndex(plans, [b"same", b"same"])
@@ -212,7 +204,7 @@ def test_a_wrong_digest_match_is_caught_by_the_end_guard() -> None:
 
 def test_index_handles_a_key_twice_in_one_plan() -> None:
     """A plan listing the same key twice (new to the index) still gets one id for it."""
-    from dcplan.report import PlanIndex
+    from dcplan.save.index import PlanIndex
 
     a, b = _t("a", 4), _t("b", 4)
     plans = [SavePlan([a, b, a]), SavePlan([b])]

@@ -21,9 +21,9 @@ from _load_fns import Box  # noqa: E402
 
 import dcplan  # noqa: E402
 from dcplan import compat  # noqa: E402
-from dcplan.cli import main as cli_main  # noqa: E402
+from dcplan.cli.main import main as cli_main  # noqa: E402
+from dcplan.load.safe import metadata_allow_list, read_metadata_file  # noqa: E402
 from dcplan.manager import DcplanPluginManager, hookimpl  # noqa: E402
-from dcplan.safe import metadata_allow_list, read_metadata_file  # noqa: E402
 
 
 def _loader_source() -> str:

@@ -19,7 +19,7 @@ from _balance_plans import check_dedup, layouts  # noqa: E402
 import dcplan  # noqa: E402
 from dcplan import compat, workloads  # noqa: E402
 from dcplan.compat import SavePlan, WriteItemType  # noqa: E402
-from dcplan.report import build_report  # noqa: E402
+from dcplan.save.report import build_report  # noqa: E402
 from dcplan.testing.plans import bytes_item, tensor_item  # noqa: E402
 from dcplan.testing.procs import GlooPool  # noqa: E402
 from dcplan_split import split, water_level  # noqa: E402

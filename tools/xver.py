@@ -10,7 +10,7 @@ Three modes::
 (``<toxworkdir>/<env>/bin/python``): every environment writes a checkpoint, then every
 environment reads every checkpoint. A reader whose torch cannot read the writer's
 metadata format (``TensorProperties.strides``, written from torch 2.15) must fail with
-dcplan's :class:`~dcplan.safe.MetadataVersionError` naming both versions; anything
+dcplan's :class:`~dcplan.load.safe.MetadataVersionError` naming both versions; anything
 else (wrong values, another error, a crash) fails the run. A missing environment is an
 error, never a skip: the matrix is only meaningful when all of it ran.
 

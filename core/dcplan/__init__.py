@@ -24,10 +24,11 @@ from dcplan.errors import (
     PluginError,
     UnknownStrategyError,
 )
-from dcplan.load_planner import LoadPlanner, LoadReport
+from dcplan.load.planner import LoadPlanner
+from dcplan.load.report import LoadReport
+from dcplan.load.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
 from dcplan.manager import get_plugin_manager, hookimpl
-from dcplan.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
-from dcplan.save_planner import SavePlanner
+from dcplan.save.planner import SavePlanner
 from dcplan.types import PluginInfo, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover

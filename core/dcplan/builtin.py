@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from dcplan import compat, planning
+from dcplan import compat
 from dcplan.manager import hookimpl
+from dcplan.save.local import create_local_save_plan
+from dcplan.save.metadata import build_global_plan
+from dcplan.save.validate import validate_global_plan
 from dcplan.types import Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +38,7 @@ def dcplan_register_strategies() -> list[Strategy]:
 
 @hookimpl(trylast=True)
 def dcplan_create_local_save_plan(planner: Any, state_dict: dict[str, Any], is_coordinator: bool) -> SavePlan:
-    return planning.create_local_save_plan(state_dict)
+    return create_local_save_plan(state_dict)
 
 
 @hookimpl(trylast=True)
@@ -45,7 +48,7 @@ def dcplan_dedup(all_plans: Sequence[SavePlan], strategy: Strategy, options: dic
 
 @hookimpl(trylast=True)
 def dcplan_create_save_metadata(all_plans: Sequence[SavePlan], config: Any) -> tuple[list[SavePlan], Metadata]:
-    global_plan, metadata, errors = planning.build_global_plan(all_plans)
+    global_plan, metadata, errors = build_global_plan(all_plans)
     if errors:
         from dcplan.errors import PlanValidationError
 
@@ -55,7 +58,7 @@ def dcplan_create_save_metadata(all_plans: Sequence[SavePlan], config: Any) -> t
 
 @hookimpl(trylast=True)
 def dcplan_validate_global_plan(global_plan: Sequence[SavePlan], metadata: Metadata) -> list[str]:
-    return planning.validate_global_plan(global_plan, metadata)
+    return validate_global_plan(global_plan, metadata)
 
 
 @hookimpl(trylast=True)

@@ -362,7 +362,7 @@ def distribute_tensor(tensor: torch.Tensor, mesh: Any, placements: Any) -> Any:
     return _dt(tensor, mesh, placements)
 
 
-# ---------------------------------------------------------------- safe loading (dcplan.safe)
+# ---------------------------------------------------------------- safe loading (dcplan.load.safe)
 def weights_only_load(fileobj: Any, extra_globals: Sequence[Any] = ()) -> Any:
     """``torch.load(weights_only=True)`` that also admits ``extra_globals`` for this call.
 
@@ -453,7 +453,7 @@ def install_metadata_format_guard() -> bool:
     torch <= 2.14 unpacks exactly five ``TensorProperties`` fields, so a 2.15 checkpoint
     fails deep in unpickling with ``ValueError: too many values to unpack``, on every
     rank, whichever reader is used. This wraps ``TensorProperties.__setstate__`` so such
-    a state raises :class:`dcplan.safe.MetadataVersionError` (a ``ValueError``) that
+    a state raises :class:`dcplan.load.safe.MetadataVersionError` (a ``ValueError``) that
     names both versions and the fix. States torch can read go to torch's own
     ``__setstate__`` unchanged. Installed when ``dcplan`` is imported; idempotent; a
     no-op on torch >= 2.15 (which reads both formats).
@@ -471,7 +471,7 @@ def install_metadata_format_guard() -> bool:
 
     def __setstate__(self: Any, state: Any) -> None:
         if isinstance(state, tuple) and len(state) > known:
-            from dcplan.safe import MetadataVersionError
+            from dcplan.load.safe import MetadataVersionError
 
             msg = newer_metadata_message(len(state))
             # torch 2.9-2.11's dcp.load swallows any read_metadata exception and then raises

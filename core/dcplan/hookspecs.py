@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.checkpoint.planner import LoadPlan, SavePlan
 
     from dcplan.config import Config
-    from dcplan.load_planner import LoadPlanner
-    from dcplan.save_planner import SavePlanner
+    from dcplan.load.planner import LoadPlanner
+    from dcplan.save.planner import SavePlanner
     from dcplan.types import Strategy
 
 hookspec = pluggy.HookspecMarker("dcplan")
@@ -154,7 +154,7 @@ def dcplan_finish_save_plan(
     :param central_plan: the plan the coordinator scattered to this rank. With
         plan caching on it may be an "unchanged" marker, meaning "reuse your
         cached final plan".
-    :param cache: the planner's plan cache (:class:`dcplan.cache.PlanCache`),
+    :param cache: the planner's plan cache (:class:`dcplan.save.cache.PlanCache`),
         or ``None`` when caching is off.
     :returns: the final ``SavePlan`` this rank writes, or ``None`` to defer.
     :runs on: every rank.
@@ -166,7 +166,7 @@ def dcplan_finish_save_plan(
 def dcplan_plan_report(report: Any, config: Config) -> None:
     """Observe the plan report of a save.
 
-    :param report: a :class:`dcplan.report.PlanReport` (bytes and items per
+    :param report: a :class:`dcplan.save.report.PlanReport` (bytes and items per
         rank, busiest rank, lower bound and their ratio).
     :param config: the planner's config.
     :returns: nothing.
@@ -228,7 +228,7 @@ def dcplan_create_local_load_plan(
     :param planner: the load planner. ``planner.skip_keys`` holds the keys the
         missing-keys policy chose to skip; ``planner.mismatches`` lists the
         requested tensors whose shape or dtype differs from the checkpoint's
-        (:class:`dcplan.load_planner.Mismatch`). An implementation may add keys
+        (:class:`dcplan.load.report.Mismatch`). An implementation may add keys
         to ``planner.skip_keys`` and return ``None`` to let the next one build
         the plan (``dcplan-partial-load`` does this for ``skip_mismatch_keys``).
     :param state_dict: the flattened state dict to fill.

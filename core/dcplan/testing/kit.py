@@ -60,8 +60,8 @@ INVARIANTS: dict[str, str] = {
     "item_intact": "written items keep the fqn, dtype, global size and kind of the item they come from",
     "planner_data": "each rank's planner_data (its flattening mapping) is passed through unchanged",
     "deterministic": "the same input gives the same plans, in-process and under every PYTHONHASHSEED",
-    "metadata_validates": "dcplan.planning.build_global_plan and validate_global_plan accept the result",
-    "report": "dcplan.report.build_report produces a balance report that accounts for every byte",
+    "metadata_validates": "dcplan.save.metadata.build_global_plan and validate_global_plan accept the result",
+    "report": "dcplan.save.report.build_report produces a balance report that accounts for every byte",
 }
 
 DEFAULT_HASH_SEEDS: tuple[int, ...] = (1, 2)
@@ -116,7 +116,7 @@ def _chunk(item: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
 
 
 def _fmt_item(item: Any) -> str:
-    from dcplan.planning import item_nbytes
+    from dcplan.save.local import item_nbytes
 
     td = item.tensor_data
     if td is None:
@@ -190,7 +190,7 @@ def _run(func: Callable[..., Any], plans: list[Any], options: Mapping[str, Any],
 def check_plans(
     strategy: Any, plans: Sequence[Any], options: Mapping[str, Any] | None = None, *, name: str | None = None
 ) -> Any:
-    """Check one workload in-process; return the :class:`dcplan.report.PlanReport`.
+    """Check one workload in-process; return the :class:`dcplan.save.report.PlanReport`.
 
     :param strategy: a strategy function, a :class:`dcplan.Strategy` or a registered name.
     :param plans: one local ``SavePlan`` per rank (they are copied, never changed).
@@ -198,8 +198,10 @@ def check_plans(
     :raises ConformanceError: naming the first broken invariant.
     """
     from dcplan.compat import SavePlan
-    from dcplan.planning import build_global_plan, item_nbytes, validate_global_plan
-    from dcplan.report import build_report
+    from dcplan.save.local import item_nbytes
+    from dcplan.save.metadata import build_global_plan
+    from dcplan.save.report import build_report
+    from dcplan.save.validate import validate_global_plan
 
     sname, func, opts = _resolve(strategy, options, name)
     original = [copy.deepcopy(p) for p in plans]
@@ -828,9 +830,9 @@ def save_and_load(
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from dcplan.load_planner import LoadPlanner
+    from dcplan.load.planner import LoadPlanner
     from dcplan.manager import DcplanPluginManager
-    from dcplan.save_planner import SavePlanner
+    from dcplan.save.planner import SavePlanner
 
     named = []
     for n, plugin in enumerate(plugins):

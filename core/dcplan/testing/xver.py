@@ -138,7 +138,7 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
 
     :returns: ``("ok", "")``; ``("refused", message)`` when this torch cannot read the
         writer's format and dcplan said so clearly (the message of
-        :class:`~dcplan.safe.MetadataVersionError`, naming this torch's version); or
+        :class:`~dcplan.load.safe.MetadataVersionError`, naming this torch's version); or
         ``("bad", details)`` for anything else.
     """
     import torch

@@ -56,7 +56,7 @@ def test_items_stay_on_the_node_of_the_group_coordinator():
 def test_registered_and_listed_by_the_cli(capsys):
     pm = dcplan.get_plugin_manager()
     assert "node_local" in pm.strategy_names()
-    from dcplan.cli import main
+    from dcplan.cli.main import main
 
     assert main(["plugins", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)

@@ -4,7 +4,7 @@ The state dict, nested structure included, is rebuilt from the checkpoint's meta
 only the selected tensors are allocated. Unlike torch's ``_EmptyStateDictLoadPlanner``
 it works when the metadata has no ``planner_data`` or lacks a key in it (checkpoints
 written by other tools), and it restores non-tensor items safely (weights-only unpickler,
-see :mod:`dcplan.safe`)::
+see :mod:`dcplan.load.safe`)::
 
     from dcplan_empty_load import load_checkpoint
 
@@ -27,7 +27,7 @@ import torch
 import dcplan
 from dcplan import compat
 from dcplan.errors import DcplanError
-from dcplan.safe import FileSystemReader
+from dcplan.load.safe import FileSystemReader
 
 __all__ = ["EmptyLoadPlanner", "KeySelectionError", "load_checkpoint", "select_keys"]
 

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.planner import SavePlan
 
 import dcplan
 from dcplan.compat import replace_plan
-from dcplan.planning import item_key
+from dcplan.save.local import item_key
 
 __all__ = ["lowest_rank"]
 

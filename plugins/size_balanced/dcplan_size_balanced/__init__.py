@@ -3,7 +3,7 @@
 Modes (config ``strategy_options = {mode = "..."}``):
 
 * ``"balanced"`` (default): weights are the bytes each item actually writes
-  (chunk numel x element size, :func:`dcplan.planning.item_nbytes`). Every
+  (chunk numel x element size, :func:`dcplan.save.local.item_nbytes`). Every
   rank's fixed load (the items only it holds) is counted first; replicated
   items are then assigned fewest-holders-first, then largest-first, each to
   its least-loaded holder, ties to the lowest rank. This is the "least
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import dcplan
 from dcplan.compat import SavePlan, WriteItem
-from dcplan.planning import paused_gc
-from dcplan.report import PlanIndex, index_plans
+from dcplan.gcpause import paused_gc
+from dcplan.save.index import PlanIndex, index_plans
 
 __all__ = ["balanced", "torch_parity", "size_balanced", "MODES"]
 

@@ -42,8 +42,8 @@ import torch
 
 import dcplan
 from dcplan.compat import ChunkStorageMetadata, MetadataIndex, SavePlan, WriteItem, WriteItemType, replace_plan
-from dcplan.planning import paused_gc
-from dcplan.report import PlanIndex, index_plans
+from dcplan.gcpause import paused_gc
+from dcplan.save.index import PlanIndex, index_plans
 
 __all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES"]
 

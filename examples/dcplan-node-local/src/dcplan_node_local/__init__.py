@@ -28,7 +28,7 @@ from typing import Any
 
 import dcplan
 from dcplan.compat import replace_plan
-from dcplan.planning import item_key, item_nbytes
+from dcplan.save.local import item_key, item_nbytes
 
 __all__ = ["node_local", "node_ids", "dcplan_register_strategies"]
 __version__ = "0.1.0"

@@ -19,13 +19,13 @@ __all__ = ["register", "describe_checkpoint", "read_checkpoint_metadata"]
 
 def read_checkpoint_metadata(path: str, trust: bool = False) -> Any:
     """The checkpoint's ``Metadata``, through :class:`dcplan.FileSystemReader` (one-line errors)."""
-    from dcplan.safe import FileSystemReader
+    from dcplan.load.safe import FileSystemReader
 
     return FileSystemReader(path, trust=trust).read_metadata()
 
 
 def _nested(metadata: Any, fqn: str) -> str:
-    from dcplan.load_planner import format_path
+    from dcplan.fmt import format_path
 
     pd = getattr(metadata, "planner_data", None)
     path = pd.get(fqn) if isinstance(pd, Mapping) else None

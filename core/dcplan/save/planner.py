@@ -22,7 +22,7 @@ from dcplan.compat import MetadataIndex, SavePlan, WriteItem, WriteItemType
 from dcplan.config import Config, resolve_config
 from dcplan.errors import PlanMismatchError, PlanValidationError
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
-from dcplan.planning import plan_digest
+from dcplan.save.local import plan_digest
 
 __all__ = ["SavePlanner", "RankPayload"]
 
@@ -36,7 +36,7 @@ class RankPayload:
     ``mapping`` is torch's flattening mapping (it ends up merged in the
     checkpoint's ``Metadata.planner_data``); ``agreement`` is what every rank must
     share (strategy, options, plugins); ``cache`` is the plan cache's message;
-    ``digest`` is :func:`dcplan.planning.plan_digest` of the rank's full local
+    ``digest`` is :func:`dcplan.save.local.plan_digest` of the rank's full local
     plan, so the coordinator indexes identical plans once.
     """
 
@@ -80,7 +80,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self._local_chunks: dict[str, list[tuple[Any, MetadataIndex]]] = {}
         self.cache: Any = None
         if self.config.plan_cache:
-            from dcplan.cache import PlanCache
+            from dcplan.save.cache import PlanCache
 
             self.cache = PlanCache.for_config(self.config)
 
@@ -188,11 +188,11 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
     ) -> tuple[list[SavePlan], Any]:
         """Dedup, metadata, validation and report on full local plans (no caching).
 
-        :param digests: per rank, :func:`dcplan.planning.plan_digest` of its plan
+        :param digests: per rank, :func:`dcplan.save.local.plan_digest` of its plan
             (or ``None``): ranks with equal digests are indexed once.
         """
-        from dcplan.planning import paused_gc
-        from dcplan.report import index_plans
+        from dcplan.gcpause import paused_gc
+        from dcplan.save.index import index_plans
 
         with paused_gc():
             # strategies and the report look the index up by these plan objects
@@ -217,7 +217,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             errors = [e for errs in self.hook.dcplan_validate_global_plan(global_plan=global_plan, metadata=metadata) for e in errs]
             if errors:
                 raise PlanValidationError(errors)
-        from dcplan.report import build_report
+        from dcplan.save.report import build_report
 
         self.report = build_report(local_plans, global_plan, self.strategy.name)
         if self.config.report:

@@ -80,8 +80,8 @@ def _safe_torch_load(path: str, trust: bool) -> Any:
 
     from dcplan import compat
     from dcplan.config import resolve_config
+    from dcplan.load.safe import UnsafeCheckpointError, _blocked_from, _weights_only_globals, collect_safe_globals
     from dcplan.manager import get_plugin_manager
-    from dcplan.safe import UnsafeCheckpointError, _blocked_from, _weights_only_globals, collect_safe_globals
 
     if not os.path.exists(path):
         raise DcplanError(f"cannot read {path}: no such file")
@@ -124,7 +124,7 @@ def torch_save_to_dcp(source: str, checkpoint: str, *, trust: bool = False, forc
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from dcplan.safe import CheckpointReadError
+    from dcplan.load.safe import CheckpointReadError
 
     try:
         if args.to_dcp:

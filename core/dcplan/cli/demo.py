@@ -121,7 +121,7 @@ def demo_rank(rank: int, world_size: int, workdir: str, strategies: list[str]) -
     import torch.distributed.checkpoint as dcp
 
     import dcplan
-    from dcplan.report import build_report
+    from dcplan.save.report import build_report
 
     logging.getLogger("dcplan").setLevel(logging.WARNING)
     state = build_state(world_size, seed=0)

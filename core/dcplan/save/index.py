@@ -1,24 +1,4 @@
-"""The plan report: who writes what, and how far the busiest rank is from ideal.
-
-The busiest rank sets the pace of a save, so the report compares its bytes with
-a lower bound on what *any* assignment of whole items could achieve. The bound
-is the divisible relaxation of restricted assignment
-(``/work/shared/reference/peers.md`` section 5)::
-
-    LB = max( max_j p_j,  max_i L_i,  max_j (p_j + min_{i in M_j} L_i),
-              max_K [sum_{i in K} L_i + sum_{j: M_j subset of K} p_j] / |K| )
-
-where ``L_i`` is rank i's fixed load (bytes of the items only it holds), ``p_j``
-a replicated item's bytes and ``M_j`` its holders. ``K`` ranges over every
-distinct holder set (the replica groups), which is exact for the disjoint and
-laminar layouts that DDP, FSDP, HSDP and TP x PP x DP produce. Bytes are the
-bytes actually written (chunk numel x element size, see
-:func:`dcplan.planning.item_nbytes`). A strategy that *splits* items (``split``)
-may beat this bound: its ratio can be below 1.
-
-Everything here is linear in the number of plan entries (one dict lookup per
-entry), so a report on 2M items costs about as much as one dedup pass.
-"""
+"""Step 3 of a save, on the coordinator: the plan index (who holds what, and item bytes)."""
 
 from __future__ import annotations
 
@@ -32,24 +12,10 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
-
-from dcplan.compat import SavePlan, WriteItem
-
-__all__ = [
-    "PlanIndex",
-    "PlanReport",
-    "build_report",
-    "clear_index_cache",
-    "compare_table",
-    "divisible_lower_bound",
-    "fast_nbytes",
-    "fmt_bytes",
-    "holders_and_sizes",
-    "index_plans",
-    "lower_bound",
-    "nbytes_list",
-]
+from dcplan.compat import (
+    SavePlan,
+    WriteItem,
+)
 
 log = logging.getLogger("dcplan")
 
@@ -57,7 +23,7 @@ _ITEMSIZE: dict[Any, int] = {}
 
 
 def fast_nbytes(item: WriteItem) -> int:
-    """Bytes an item writes (same value as :func:`dcplan.planning.item_nbytes`, cheaper).
+    """Bytes an item writes (same value as :func:`dcplan.save.local.item_nbytes`, cheaper).
 
     Tensor items weigh ``prod(chunk.sizes) * element size``; non-tensor items
     their recorded serialized size (torch 2.8+) or 1.
@@ -101,15 +67,6 @@ def nbytes_list(items: Sequence[WriteItem], block: int = 4096) -> list[int]:
     return out
 
 
-def fmt_bytes(n: float) -> str:
-    """``1536`` -> ``'1.50 KiB'``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
 
 class PlanIndex:
     """Who holds what, built in one pass over the local plans.
@@ -125,7 +82,7 @@ class PlanIndex:
       (ranks with the same plan digest share one list: treat it as read-only).
 
     :param digests: optional, one per rank: a digest of that rank's item keys
-        (:func:`dcplan.planning.plan_digest`, computed by each rank on its own
+        (:func:`dcplan.save.local.plan_digest`, computed by each rank on its own
         plan). Ranks whose digests are equal (and whose plans have the same
         length and the same first, middle and last keys) are indexed once: a
         DDP or HSDP save then costs the coordinator one pass over the distinct
@@ -363,195 +320,3 @@ def holders_and_sizes(
     )
 
 
-def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[int]) -> tuple[int, str, int]:
-    """The whole-item lower bound, which term set it, and the divisible bound (no per-item terms)."""
-    fixed = [0] * world_size
-    group_bytes: dict[tuple[int, ...], int] = {}
-    group_max: dict[tuple[int, ...], int] = {}
-    biggest = 0
-    for hs, p in zip(holders, sizes):
-        if p > biggest:
-            biggest = p
-        if len(hs) == 1:
-            fixed[hs[0]] += p
-        else:
-            hk = tuple(hs)
-            group_bytes[hk] = group_bytes.get(hk, 0) + p
-            if p > group_max.get(hk, -1):
-                group_max[hk] = p
-    lb, why = 0, "empty plan"
-    for r, f in enumerate(fixed):
-        if f > lb:
-            lb, why = f, f"fixed load of rank {r}"
-    div = lb
-    if biggest > lb:
-        lb, why = biggest, "largest item"
-    for g, p in group_max.items():
-        t = p + min(fixed[i] for i in g)
-        if t > lb:
-            lb, why = t, "an item plus its holders' least fixed load"
-    # K = each distinct holder set; items whose holders lie inside K must land in K.
-    groups = sorted(group_bytes)
-    containing: dict[int, list[int]] = {}
-    for gi, g in enumerate(groups):
-        for r in g:
-            containing.setdefault(r, []).append(gi)
-    sets = [frozenset(g) for g in groups]
-    inside = [0] * len(groups)
-    for gi, g in enumerate(groups):
-        b = group_bytes[g]
-        s = sets[gi]
-        for ki in containing[g[0]]:
-            if ki == gi or (len(groups[ki]) > len(g) and s <= sets[ki]):
-                inside[ki] += b
-    for gi, g in enumerate(groups):
-        total = sum(fixed[i] for i in g) + inside[gi]
-        t = -(-total // len(g))
-        div = max(div, t)
-        if t > lb:
-            lb, why = t, f"replica group of {len(g)} ranks ({g[0]}..{g[-1]})"
-    return lb, why, div
-
-
-def lower_bound(world_size: int, holders: Mapping[Any, Sequence[int]], sizes: Mapping[Any, int]) -> int:
-    """The lower bound on the busiest rank's bytes for any whole-item assignment.
-
-    :param world_size: number of ranks.
-    :param holders: item key -> ranks holding it.
-    :param sizes: item key -> bytes.
-    """
-    keys = list(holders)
-    return _bound(world_size, [holders[k] for k in keys], [sizes[k] for k in keys])[0]
-
-
-def divisible_lower_bound(world_size: int, holders: Mapping[Any, Sequence[int]], sizes: Mapping[Any, int]) -> int:
-    """The lower bound when items may be split anywhere (fixed loads and replica-group averages only)."""
-    keys = list(holders)
-    return _bound(world_size, [holders[k] for k in keys], [sizes[k] for k in keys])[2]
-
-
-@attrs.frozen
-class PlanReport:
-    """Bytes and items per rank after dedup, with the balance against the lower bound."""
-
-    bytes_per_rank: tuple[int, ...]
-    items_per_rank: tuple[int, ...]
-    busiest_rank: int
-    busiest_bytes: int
-    lower_bound: int
-    ratio: float
-    strategy: str = ""
-    total_bytes: int = 0
-    bound_reason: str = ""
-    #: the bound when items may be split (``split`` can go below ``lower_bound``, never below this)
-    divisible_bound: int = 0
-
-    @property
-    def divisible_ratio(self) -> float:
-        """Busiest rank / divisible bound: how close a splitting strategy is to perfect."""
-        return self.busiest_bytes / self.divisible_bound if self.divisible_bound else 1.0
-
-    @property
-    def world_size(self) -> int:
-        return len(self.bytes_per_rank)
-
-    @property
-    def total_items(self) -> int:
-        return sum(self.items_per_rank)
-
-    def table(self, max_rows: int = 32) -> str:
-        """Per-rank bytes and items; with more than ``max_rows`` ranks, the busiest and idlest."""
-        lines = [f"{'rank':>6} {'bytes':>18} {'':>11} {'items':>8}"]
-        n = self.world_size
-        if n <= max_rows:
-            shown = list(range(n))
-        else:
-            by_load = sorted(range(n), key=lambda r: (-self.bytes_per_rank[r], r))
-            half = max_rows // 2
-            shown = sorted(set(by_load[:half]) | set(by_load[-half:]))
-        prev = -1
-        for r in shown:
-            if prev >= 0 and r != prev + 1:
-                lines.append(f"{'...':>6}")
-            prev = r
-            b, k = self.bytes_per_rank[r], self.items_per_rank[r]
-            mark = "  <- busiest" if r == self.busiest_rank else ""
-            lines.append(f"{r:>6} {b:>18,} {fmt_bytes(b):>11} {k:>8}{mark}")
-        if n > max_rows:
-            lines.append(f"({n - len(shown)} of {n} ranks not shown)")
-        lines.append(
-            f"busiest rank {self.busiest_rank}: {fmt_bytes(self.busiest_bytes)}; lower bound "
-            f"{fmt_bytes(self.lower_bound)} ({self.bound_reason or 'n/a'}); ratio {self.ratio:.3f}"
-        )
-        return "\n".join(lines)
-
-    def summary(self) -> str:
-        return (
-            f"dcplan plan report ({self.strategy or 'strategy'}): {self.world_size} ranks, "
-            f"{self.total_items} items, {fmt_bytes(self.total_bytes)} total; busiest rank {self.busiest_rank} "
-            f"writes {fmt_bytes(self.busiest_bytes)}, lower bound {fmt_bytes(self.lower_bound)}, "
-            f"ratio {self.ratio:.3f}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self)
-        d["bytes_per_rank"] = list(self.bytes_per_rank)
-        d["items_per_rank"] = list(self.items_per_rank)
-        return d
-
-
-def build_report(
-    local_plans: Sequence[SavePlan],
-    global_plan: Sequence[SavePlan],
-    strategy: str = "",
-    *,
-    index: PlanIndex | None = None,
-) -> PlanReport:
-    """Report on ``global_plan`` (after dedup) given the ``local_plans`` it came from.
-
-    :param local_plans: one plan per rank before dedup (who *holds* what).
-    :param global_plan: one plan per rank after dedup (who *writes* what).
-    :param strategy: a name shown in the report.
-    :param index: a :class:`PlanIndex` of ``local_plans`` already built (saves a pass).
-    """
-    world = len(global_plan)
-    per_rank = [sum(nbytes_list(p.items)) for p in global_plan]
-    items = [len(p.items) for p in global_plan]
-    idx = index if index is not None else index_plans(local_plans)
-    lb, why, div = _bound(max(world, idx.world_size), idx.holders, idx.nbytes)
-    busiest = min(range(world), key=lambda r: (-per_rank[r], r)) if world else 0
-    top = per_rank[busiest] if world else 0
-    ratio = (top / lb) if lb else 1.0
-    return PlanReport(
-        bytes_per_rank=tuple(per_rank),
-        items_per_rank=tuple(items),
-        busiest_rank=busiest,
-        busiest_bytes=top,
-        lower_bound=lb,
-        ratio=ratio,
-        strategy=strategy,
-        total_bytes=sum(per_rank),
-        bound_reason=why,
-        divisible_bound=div,
-    )
-
-
-def compare_table(reports: Mapping[str, PlanReport]) -> str:
-    """Side-by-side summary of several reports on the same local plans (one row each).
-
-    Columns: strategy, busiest rank and its bytes, the lower bound, the ratio
-    (busiest / lower bound), the least-loaded rank's bytes, and the largest
-    number of items (files' entries) one rank writes.
-    """
-    header = (
-        f"{'strategy':<28} {'busiest':>8} {'busiest bytes':>13} {'lower bound':>13} {'ratio':>7} "
-        f"{'idlest bytes':>13} {'max items':>9} {'total items':>11}"
-    )
-    lines = [header, "-" * len(header)]
-    for name, r in reports.items():
-        idle = min(r.bytes_per_rank) if r.bytes_per_rank else 0
-        lines.append(
-            f"{name:<28} {r.busiest_rank:>8} {fmt_bytes(r.busiest_bytes):>13} {fmt_bytes(r.lower_bound):>13} "
-            f"{r.ratio:>7.3f} {fmt_bytes(idle):>13} {max(r.items_per_rank, default=0):>9} {r.total_items:>11}"
-        )
-    return "\n".join(lines)

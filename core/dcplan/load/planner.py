@@ -8,7 +8,7 @@ Strict and safe by default:
   (``partial_load = true``) and lets listed keys skip a shape mismatch
   (``skip_mismatch_keys``);
 * non-tensor items are restored with torch's weights-only unpickler
-  (:mod:`dcplan.safe`).
+  (:mod:`dcplan.load.safe`).
 
 After planning, :attr:`LoadPlanner.report` holds a :class:`LoadReport` (missing,
 unexpected and mismatched keys). The coordinator merges every rank's report and logs
@@ -23,152 +23,20 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
 import torch
 
 from dcplan import compat
 from dcplan.compat import LoadPlan, Metadata, ReadItem
 from dcplan.config import Config, resolve_config
 from dcplan.errors import ConfigError, MissingKeysError
+from dcplan.fmt import format_path
+from dcplan.load.report import LoadReport, Mismatch, _pairs
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
-
-__all__ = ["LoadPlanner", "LoadReport", "Mismatch", "format_path"]
 
 log = logging.getLogger("dcplan")
 
-#: ``LoadPlan.planner_data`` key under which each rank sends its report to the coordinator.
 REPORT_KEY = "dcplan_load_report"
 
-
-def format_path(path: Sequence[Any]) -> str:
-    """The user's nested spelling of a flattening path: ``optim['state'][0]['exp_avg']``."""
-    if not path:
-        return ""
-    head, *rest = path
-    return str(head) + "".join(f"[{p!r}]" for p in rest)
-
-
-@attrs.frozen
-class Mismatch:
-    """A requested tensor whose shape or dtype differs from the checkpoint's."""
-
-    key: str
-    nested: str
-    checkpoint_shape: tuple[int, ...] | None
-    state_dict_shape: tuple[int, ...] | None
-    checkpoint_dtype: str | None
-    state_dict_dtype: str | None
-
-    @property
-    def shape_differs(self) -> bool:
-        return self.checkpoint_shape != self.state_dict_shape
-
-    @property
-    def dtype_differs(self) -> bool:
-        return self.checkpoint_dtype != self.state_dict_dtype
-
-    def describe(self) -> str:
-        parts = []
-        if self.shape_differs:
-            parts.append(f"shape {self.checkpoint_shape} in the checkpoint vs {self.state_dict_shape} requested")
-        if self.dtype_differs:
-            parts.append(f"dtype {self.checkpoint_dtype} in the checkpoint vs {self.state_dict_dtype} requested")
-        name = self.key if self.nested in ("", self.key) else f"{self.key} ({self.nested})"
-        return f"{name}: {', '.join(parts)}"
-
-
-def _pairs(keys: Sequence[str], nested: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    return tuple(zip(keys, nested))
-
-
-@attrs.frozen
-class LoadReport:
-    """What a load planned: keys requested but missing, present but not requested, mismatched.
-
-    Keys are flattened (``optim.state.0.exp_avg``); each comes with the user's nested
-    spelling (``optim['state'][0]['exp_avg']``).
-
-    :ivar missing: ``(key, nested)`` requested, not in the checkpoint (skipped by a partial load).
-    :ivar unexpected: ``(key, nested)`` in the checkpoint, not requested (by any rank, once merged).
-    :ivar mismatched: shape or dtype mismatches. A dtype mismatch is cast on copy like torch does;
-        a shape mismatch is an error unless the key matches ``skip_mismatch_keys``.
-    :ivar skipped: keys left untouched (missing or allowed mismatches).
-    :ivar ranks: how many ranks' reports were merged (1 before merging).
-    """
-
-    missing: tuple[tuple[str, str], ...] = ()
-    unexpected: tuple[tuple[str, str], ...] = ()
-    mismatched: tuple[Mismatch, ...] = ()
-    skipped: tuple[str, ...] = ()
-    ranks: int = 1
-
-    @property
-    def missing_keys(self) -> list[str]:
-        return [k for k, _ in self.missing]
-
-    @property
-    def unexpected_keys(self) -> list[str]:
-        return [k for k, _ in self.unexpected]
-
-    @property
-    def mismatched_keys(self) -> list[str]:
-        return [m.key for m in self.mismatched]
-
-    @property
-    def clean(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "missing": [{"key": k, "nested": n} for k, n in self.missing],
-            "unexpected": [{"key": k, "nested": n} for k, n in self.unexpected],
-            "mismatched": [attrs.asdict(m) for m in self.mismatched],
-            "skipped": list(self.skipped),
-            "ranks": self.ranks,
-        }
-
-    def format(self, limit: int = 20) -> str:
-        """A few human-readable lines (at most ``limit`` keys per section)."""
-
-        def show(pairs: Sequence[tuple[str, str]]) -> str:
-            names = [k if n in ("", k) else f"{k} ({n})" for k, n in pairs[:limit]]
-            more = f" ... and {len(pairs) - limit} more" if len(pairs) > limit else ""
-            return ", ".join(names) + more
-
-        lines = [f"dcplan load report ({self.ranks} rank(s)):"]
-        lines.append(f"  missing (requested, not in the checkpoint): {len(self.missing)}"
-                     + (f": {show(self.missing)}" if self.missing else ""))
-        lines.append(f"  unexpected (in the checkpoint, not requested): {len(self.unexpected)}"
-                     + (f": {show(self.unexpected)}" if self.unexpected else ""))
-        lines.append(f"  mismatched: {len(self.mismatched)}")
-        lines += [f"    {m.describe()}" for m in self.mismatched[:limit]]
-        if self.skipped:
-            lines.append(f"  skipped: {len(self.skipped)}")
-        return "\n".join(lines)
-
-    @classmethod
-    def merge(cls, reports: Sequence[LoadReport]) -> LoadReport:
-        """Merge ranks' reports: union of missing/mismatched/skipped, intersection of unexpected."""
-        if not reports:
-            return cls(ranks=0)
-        missing: dict[str, str] = {}
-        mism: dict[str, Mismatch] = {}
-        skipped: set[str] = set()
-        unexpected = dict(reports[0].unexpected)
-        for r in reports:
-            missing.update(r.missing)
-            for m in r.mismatched:
-                mism.setdefault(m.key, m)
-            skipped.update(r.skipped)
-            keep = {k for k, _ in r.unexpected}
-            unexpected = {k: v for k, v in unexpected.items() if k in keep}
-        return cls(
-            missing=tuple(sorted(missing.items())),
-            unexpected=tuple(sorted(unexpected.items())),
-            mismatched=tuple(mism[k] for k in sorted(mism)),
-            skipped=tuple(sorted(skipped)),
-            ranks=len(reports),
-        )
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -213,7 +81,7 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
     and all missing keys are reported at once during planning, on every rank,
     before any tensor is read. ``dcplan-partial-load`` relaxes that by config.
     Non-tensor items are restored with torch's weights-only unpickler unless
-    ``trust_checkpoint`` is set (see :mod:`dcplan.safe`).
+    ``trust_checkpoint`` is set (see :mod:`dcplan.load.safe`).
 
     :param config: a :class:`dcplan.Config`, or ``None`` to read config sources.
     :param allow_partial_load: torch's spelling of ``partial_load=True`` (accepted for drop-in use).
@@ -248,7 +116,7 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         self.metadata: Metadata | None = None
         self.is_coordinator = False
         self._check_partial_load_plugin()
-        from dcplan.safe import check_trusted_globals
+        from dcplan.load.safe import check_trusted_globals
 
         check_trusted_globals(self.config)
 
@@ -400,8 +268,8 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
 
     # -- data ------------------------------------------------------------
     def unpickle(self, fqn: str, value: io.BytesIO) -> Any:
-        """Restore a non-tensor item safely (see :func:`dcplan.safe.load_object`)."""
-        from dcplan.safe import load_object
+        """Restore a non-tensor item safely (see :func:`dcplan.load.safe.load_object`)."""
+        from dcplan.load.safe import load_object
 
         return load_object(self, fqn, value)
 

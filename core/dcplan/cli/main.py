@@ -64,7 +64,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dcplan.demo import run_demo
+    from dcplan.cli.demo import run_demo
 
     return run_demo(world_size=args.world_size, strategy=args.strategy, workdir=args.dir)
 
@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("plan", "inspect", "convert"):
         try:
-            mod = importlib.import_module(f"dcplan.cli_{name}")
+            mod = importlib.import_module(f"dcplan.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"dcplan.cli_{name}":
+            if exc.name != f"dcplan.cli.{name}":
                 raise
             continue
         mod.register(sub)

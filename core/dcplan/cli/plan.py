@@ -71,7 +71,8 @@ def run_plan(
     :returns: ``(workload, reports by row name, seconds by row name, errors by row name)``.
     """
     from dcplan import workloads
-    from dcplan.report import build_report, index_plans
+    from dcplan.save.index import index_plans
+    from dcplan.save.report import build_report
 
     wl = workloads.make(layout, model, ranks, adam=adam)
     idx = index_plans(wl.plans)
@@ -124,7 +125,8 @@ def plot_reports(reports: dict[str, Any], path: str, title: str) -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dcplan import workloads
     from dcplan.config import resolve_config
-    from dcplan.report import compare_table, fmt_bytes
+    from dcplan.fmt import fmt_bytes
+    from dcplan.save.report import compare_table
 
     try:
         kind, _ = workloads.parse(args.layout)
@@ -186,7 +188,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``dcplan plan`` to the CLI (auto-discovered by :mod:`dcplan.cli`)."""
+    """Add ``dcplan plan`` to the CLI (auto-discovered by :mod:`dcplan.cli.main`)."""
     p = subparsers.add_parser(
         "plan",
         help="plan report of synthetic workloads (DDP, FSDP, HSDP, TPxPPxDP) for every strategy, no processes",

@@ -1,0 +1,14 @@
+"""The save side, one module per step of DCP's save protocol.
+
+1. :mod:`dcplan.save.local` — every rank: its local plan and the plan's digest.
+2. gather — torch gathers the local plans on the coordinator.
+3. :mod:`dcplan.save.index` — coordinator: who holds what (one pass over the plans).
+4. dedup — coordinator: the strategy picks one writer per item (a plugin).
+5. :mod:`dcplan.save.metadata` — coordinator: the checkpoint's metadata and index hints.
+6. :mod:`dcplan.save.validate` — coordinator: the global plan is complete and consistent.
+7. :mod:`dcplan.save.report` — coordinator: bytes per rank against a lower bound.
+8. scatter and finish — torch scatters the final plans; :mod:`dcplan.save.cache` may reuse them.
+9. write — every rank writes what its final plan names (:meth:`dcplan.SavePlanner.resolve_data`).
+
+:mod:`dcplan.save.planner` drives the steps through the hooks.
+"""
