@@ -29,7 +29,7 @@ from dcplan.load.report import LoadReport
 from dcplan.load.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
 from dcplan.manager import get_plugin_manager, hookimpl
 from dcplan.save.planner import SavePlanner
-from dcplan.types import PluginInfo, Strategy
+from dcplan.types import LoadStrategy, PluginInfo, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.checkpoint.planner import SavePlan
@@ -40,6 +40,7 @@ __all__ = [
     "ConfigError",
     "FileSystemReader",
     "LoadReport",
+    "LoadStrategy",
     "MetadataVersionError",
     "UnsafeCheckpointError",
     "DcplanError",

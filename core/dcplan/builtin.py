@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from dcplan import compat
+from dcplan.load.strategy import check_agreement, default_load_strategy
 from dcplan.manager import hookimpl
 from dcplan.save.local import create_local_save_plan
 from dcplan.save.metadata import build_global_plan
 from dcplan.save.validate import validate_global_plan
-from dcplan.types import Strategy
+from dcplan.types import LoadStrategy, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from dcplan.compat import LoadPlan, Metadata, SavePlan
@@ -34,6 +35,11 @@ def dcplan_register_strategies() -> list[Strategy]:
             options={"save_to_lowest_rank": False},
         )
     ]
+
+
+@hookimpl(trylast=True)
+def dcplan_register_load_strategies() -> list[LoadStrategy]:
+    return [default_load_strategy()]
 
 
 @hookimpl(trylast=True)
@@ -102,4 +108,8 @@ def dcplan_create_local_load_plan(planner: Any, state_dict: dict[str, Any], meta
 
 @hookimpl(trylast=True)
 def dcplan_create_global_load_plan(planner: Any, all_plans: Sequence[LoadPlan]) -> list[LoadPlan]:
-    return list(all_plans)
+    strategy = getattr(planner, "load_strategy", None)
+    if strategy is None:
+        return list(all_plans)
+    check_agreement(all_plans, strategy.name)
+    return list(strategy.func(list(all_plans), planner, **planner.load_strategy_options))

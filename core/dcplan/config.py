@@ -91,6 +91,10 @@ class Config:
         trust_checkpoint: unpickle non-tensor items and ``.metadata`` with the full
             pickle module. DANGEROUS: a crafted checkpoint can run code.
         trusted_globals: ``"package.module.Class"`` names the safe loaders admit.
+        load_strategy: the load strategy's name, as registered by a plugin
+            (``default``: every rank reads what it needs; ``cooperative`` from
+            ``dcplan-coop-load``: each shared byte is read once). Env: ``DCPLAN_LOAD_STRATEGY``.
+        load_strategy_options: options for that load strategy (a TOML table / JSON object).
     """
 
     strategy: str = attrs.field(default="size_balanced", validator=_nonempty_str)
@@ -104,6 +108,8 @@ class Config:
     report: bool = attrs.field(default=True, validator=_bool)
     trust_checkpoint: bool = attrs.field(default=False, validator=_bool)
     trusted_globals: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    load_strategy: str = attrs.field(default="default", validator=_nonempty_str)
+    load_strategy_options: dict[str, Any] = attrs.field(factory=dict, converter=_options)
 
     def to_dict(self) -> dict[str, Any]:
         out = attrs.asdict(self)

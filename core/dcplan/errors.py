@@ -30,21 +30,25 @@ class PluginError(DcplanError, RuntimeError):
 class UnknownStrategyError(ConfigError):
     """Config names a strategy that no loaded plugin registers."""
 
-    def __init__(self, name: str, valid: Sequence[str], failed: Sequence[str] = ()) -> None:
+    def __init__(
+        self, name: str, valid: Sequence[str], failed: Sequence[str] = (), kind: str = "strategy"
+    ) -> None:
         self.name = name
         self.valid = list(valid)
         self.failed = list(failed)
+        self.kind = kind
         msg = (
-            f"unknown dcplan strategy {name!r}; choose one of: "
+            f"unknown dcplan {kind} {name!r}; choose one of: "
             f"{', '.join(self.valid) if self.valid else '(none installed)'}"
         )
         if self.failed:
             msg += "; plugins that failed to load: " + "; ".join(self.failed)
-        msg += " (install the plugin that provides it, e.g. pip install dcplan-size-balanced)"
+        example = "dcplan-coop-load" if kind == "load strategy" else "dcplan-size-balanced"
+        msg += f" (install the plugin that provides it, e.g. pip install {example})"
         super().__init__(msg)
 
     def __reduce__(self) -> tuple:  # type: ignore[type-arg]
-        return (type(self), (self.name, self.valid, self.failed))
+        return (type(self), (self.name, self.valid, self.failed, self.kind))
 
 
 class PlanMismatchError(DcplanError, RuntimeError):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dcplan.config import Config
     from dcplan.load.planner import LoadPlanner
     from dcplan.save.planner import SavePlanner
-    from dcplan.types import Strategy
+    from dcplan.types import LoadStrategy, Strategy
 
 hookspec = pluggy.HookspecMarker("dcplan")
 
@@ -51,6 +51,21 @@ def dcplan_register_strategies() -> Sequence[Strategy]:
 
     :returns: a sequence of :class:`dcplan.Strategy` records (name, callable,
         description, options). Config's ``strategy`` key picks one by name.
+    :runs on: every process that builds a plugin manager (every rank, and the
+        CLI), once per manager.
+    :results: all collected. Two plugins that register the same name are an
+        error naming both distributions.
+    """
+
+
+@hookspec
+def dcplan_register_load_strategies() -> Sequence[LoadStrategy]:
+    """Register named load strategies (how the ranks of a load share the reading).
+
+    :returns: a sequence of :class:`dcplan.LoadStrategy` records (name, global-plan
+        callable, description, options, optional per-rank ``local_info`` and
+        ``start``). Config's ``load_strategy`` key picks one by name; the built-in
+        registers ``default`` (every rank reads what it needs, torch's behaviour).
     :runs on: every process that builds a plugin manager (every rank, and the
         CLI), once per manager.
     :results: all collected. Two plugins that register the same name are an

@@ -30,7 +30,7 @@ import pluggy
 
 from dcplan import hookspecs
 from dcplan.errors import PluginError, UnknownStrategyError
-from dcplan.types import PluginInfo, Strategy
+from dcplan.types import LoadStrategy, PluginInfo, Strategy
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -75,6 +75,13 @@ class _Registered:
     distribution: str
 
 
+@attrs.frozen
+class _RegisteredLoad:
+    strategy: LoadStrategy
+    plugin: str
+    distribution: str
+
+
 class DcplanPluginManager:
     """Wraps a :class:`pluggy.PluginManager` with dcplan's policies."""
 
@@ -107,6 +114,7 @@ class DcplanPluginManager:
             self.register(plugin, name=name)
         self.pm.check_pending()
         self._strategies: dict[str, _Registered] | None = None
+        self._load_strategies: dict[str, _RegisteredLoad] | None = None
 
     # -- discovery -----------------------------------------------------
     def _selected(self, ep_name: str, dist_name: str) -> bool:
@@ -163,6 +171,7 @@ class DcplanPluginManager:
         self.pm.register(plugin, name=name)
         self._dist[name] = (distribution or name, None)
         self._strategies = None
+        self._load_strategies = None
 
     # -- strategies ----------------------------------------------------
     @property
@@ -208,6 +217,43 @@ class DcplanPluginManager:
         except KeyError:
             raise UnknownStrategyError(name, self.strategy_names(), self.failure_summary()) from None
 
+    # -- load strategies (dcplan_register_load_strategies) -----------------
+    @property
+    def load_strategies(self) -> dict[str, _RegisteredLoad]:
+        if self._load_strategies is None:
+            self._load_strategies = self._collect_load_strategies()
+        return self._load_strategies
+
+    def _collect_load_strategies(self) -> dict[str, _RegisteredLoad]:
+        out: dict[str, _RegisteredLoad] = {}
+        for impl in self.pm.hook.dcplan_register_load_strategies.get_hookimpls():
+            pname = impl.plugin_name
+            dist = self._dist.get(pname, (pname, None))[0] or pname
+            for strategy in impl.function() or ():
+                if not isinstance(strategy, LoadStrategy):
+                    raise PluginError(
+                        f"plugin {pname!r} ({dist}) returned {strategy!r} from "
+                        "dcplan_register_load_strategies; return dcplan.LoadStrategy records"
+                    )
+                if strategy.name in out:
+                    other = out[strategy.name]
+                    raise PluginError(
+                        f"load strategy {strategy.name!r} is registered twice: by distribution "
+                        f"{other.distribution!r} (plugin {other.plugin!r}) and by distribution "
+                        f"{dist!r} (plugin {pname!r}); uninstall one, or disable one with "
+                        "DCPLAN_DISABLE_PLUGINS"
+                    )
+                out[strategy.name] = _RegisteredLoad(strategy, pname, dist)
+        return dict(sorted(out.items()))
+
+    def get_load_strategy(self, name: str) -> LoadStrategy:
+        try:
+            return self.load_strategies[name].strategy
+        except KeyError:
+            raise UnknownStrategyError(
+                name, list(self.load_strategies), self.failure_summary(), kind="load strategy"
+            ) from None
+
     def failure_summary(self) -> list[str]:
         return [f"{f.distribution} ({f.entry_point}): {f.error}" for f in self.failed]
 
@@ -216,6 +262,9 @@ class DcplanPluginManager:
         by_plugin: dict[str, list[str]] = {}
         for sname, reg in self.strategies.items():
             by_plugin.setdefault(reg.plugin, []).append(sname)
+        load_by_plugin: dict[str, list[str]] = {}
+        for sname, lreg in self.load_strategies.items():
+            load_by_plugin.setdefault(lreg.plugin, []).append(sname)
         infos = []
         for name, plugin in self.pm.list_name_plugin():
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
@@ -228,6 +277,7 @@ class DcplanPluginManager:
                     hooks=tuple(hooks),
                     strategies=tuple(sorted(by_plugin.get(name, []))),
                     builtin=name in self._builtin,
+                    load_strategies=tuple(sorted(load_by_plugin.get(name, []))),
                 )
             )
         return sorted(infos, key=lambda i: (not i.builtin, i.distribution or "", i.name))

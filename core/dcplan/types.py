@@ -15,7 +15,7 @@ import attrs
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.checkpoint.planner import SavePlan
 
-__all__ = ["Strategy", "StrategyFunc", "PluginInfo"]
+__all__ = ["Strategy", "StrategyFunc", "LoadStrategy", "PluginInfo"]
 
 #: A dedup strategy: ``func(all_plans, **options) -> list[SavePlan]``.
 #: It receives one local plan per rank (index = rank), must return a *new*
@@ -79,6 +79,40 @@ class Strategy:
 
 
 @attrs.frozen
+class LoadStrategy:
+    """A named load strategy, as returned by ``dcplan_register_load_strategies``.
+
+    :param name: the name users put in config (``load_strategy = "name"``).
+    :param func: ``func(all_plans, planner, **options) -> list[LoadPlan]``: the global
+        load plan, on the coordinator. It receives one local plan per rank (index =
+        rank; ``planner_data`` carries each rank's :data:`dcplan.load.strategy.LOAD_INFO_KEY`
+        and, when the storage reader calls ``planner.finish_reads``, its
+        :data:`dcplan.load.strategy.READER_KEY`), must not mutate them and returns one
+        plan per rank.
+    :param description: one line shown by ``dcplan plugins``.
+    :param options: the option names the strategy accepts with their defaults
+        (config's ``load_strategy_options`` may set only these).
+    :param check_options: optional ``check(options) -> None`` raising ``ValueError``.
+    :param local_info: optional ``local_info(planner, options) -> Any``, run on every rank
+        in ``create_local_plan``; the result travels to the coordinator in the local plan.
+    :param start: optional ``start(planner, plan, options) -> session | None``, run on
+        every rank in ``finish_plan``. A session (:class:`dcplan.load.strategy.LoadSession`)
+        may serve ``resolve_tensor``/``commit_tensor``/``load_bytes`` for items it added,
+        and runs ``finish_reads`` after the rank's own reads.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    func: Callable[..., Any] = attrs.field(validator=attrs.validators.is_callable())
+    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    options: dict[str, Any] = attrs.field(factory=dict, converter=_freeze_options)
+    check_options: Callable[[dict[str, Any]], None] | None = attrs.field(default=None)
+    local_info: Callable[..., Any] | None = attrs.field(default=None)
+    start: Callable[..., Any] | None = attrs.field(default=None)
+
+    resolve_options = Strategy.resolve_options
+
+
+@attrs.frozen
 class PluginInfo:
     """What ``dcplan plugins`` lists for one registered plugin."""
 
@@ -88,3 +122,4 @@ class PluginInfo:
     hooks: tuple[str, ...]
     strategies: tuple[str, ...]
     builtin: bool = False
+    load_strategies: tuple[str, ...] = ()

@@ -31,6 +31,7 @@ from dcplan.config import Config, resolve_config
 from dcplan.errors import ConfigError, MissingKeysError
 from dcplan.fmt import format_path
 from dcplan.load.report import LoadReport, Mismatch, _pairs
+from dcplan.load.strategy import LOAD_INFO_KEY
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 
 log = logging.getLogger("dcplan")
@@ -116,6 +117,11 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         self.metadata: Metadata | None = None
         self.is_coordinator = False
         self._check_partial_load_plugin()
+        # -- load strategy (dcplan_register_load_strategies; see dcplan.load.strategy)
+        self.load_strategy = self.plugin_manager.get_load_strategy(self.config.load_strategy)
+        self.load_strategy_options = self.load_strategy.resolve_options(self.config.load_strategy_options)
+        self.load_session: Any = None
+        self.load_stats: Any = None
         from dcplan.load.safe import check_trusted_globals
 
         check_trusted_globals(self.config)
@@ -232,7 +238,9 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         self.report = self._local_report()
         pd = plan.planner_data
         if pd is None or isinstance(pd, dict):  # another plugin's planner_data is kept as it is
-            plan = dataclasses.replace(plan, planner_data={**(pd or {}), REPORT_KEY: self.report})
+            plan = dataclasses.replace(
+                plan, planner_data={**(pd or {}), REPORT_KEY: self.report, LOAD_INFO_KEY: self._load_info()}
+            )
         self.plan = plan
         return plan
 
@@ -264,7 +272,35 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         return self.hook.dcplan_create_global_load_plan(planner=self, all_plans=plans)
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
+        start = self.load_strategy.start
+        self.load_session = None if start is None else start(self, new_plan, self.load_strategy_options)
         return new_plan
+
+    # -- load strategy: what a strategy's session adds to the data path ------
+    def _load_info(self) -> tuple[str, Any]:
+        """This rank's load strategy and its ``local_info``, sent to the coordinator."""
+        local = self.load_strategy.local_info
+        info = None if local is None else local(self, self.load_strategy_options)
+        return (self.load_strategy.name, info)
+
+    def finish_reads(
+        self, plan: LoadPlan, read: Any = None, error: BaseException | None = None
+    ) -> None:
+        """Called once by the storage reader after this rank's own reads (see dcplan.load.strategy).
+
+        :param plan: the plan the reader read.
+        :param read: ``read(plan)`` reads more items of the checkpoint the same way, or ``None``.
+        :param error: what this rank's reads raised, if anything; re-raised after the
+            strategy's session has told the other ranks (so no rank waits for it).
+        """
+        session = self.load_session
+        try:
+            if session is not None:
+                session.finish_reads(plan, read, error)
+        finally:
+            self.load_session = None
+        if error is not None:
+            raise error
 
     # -- data ------------------------------------------------------------
     def unpickle(self, fqn: str, value: io.BytesIO) -> Any:
@@ -274,6 +310,8 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         return load_object(self, fqn, value)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        if self.load_session is not None and self.load_session.load_bytes(read_item, value):
+            return
         fqn = read_item.dest_index.fqn
         obj = self.unpickle(fqn, value)
         if self.flatten_state_dict:
@@ -282,5 +320,14 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
             self.state_dict[fqn] = obj
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        if self.load_session is not None:
+            staged = self.load_session.resolve_tensor(read_item)
+            if staged is not None:
+                return staged
         tensor = compat.find_state_dict_object(self.state_dict, read_item.dest_index)
         return compat.narrow_tensor_by_index(tensor, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        if self.load_session is not None and self.load_session.commit_tensor(read_item, tensor):
+            return
+        super().commit_tensor(read_item, tensor)

@@ -424,6 +424,31 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
         )
         return compat.finish_read_metadata(self, metadata)
 
+    # -- load strategies (e.g. dcplan-coop-load): the reader's half of the contract in
+    # dcplan.load.strategy -- mark the local plan, then ONE planner.finish_reads call
+    # at the end of read_data. Keep both when this reader moves or is rewritten.
+    def prepare_local_plan(self, plan: Any) -> Any:
+        from dcplan.load.strategy import mark_reader
+
+        return mark_reader(super().prepare_local_plan(plan))
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        finish_reads = getattr(planner, "finish_reads", None)
+        if not callable(finish_reads):
+            return super().read_data(plan, planner)
+        base = super()
+        error: BaseException | None = None
+        try:
+            base.read_data(plan, planner).wait()
+        except Exception as exc:  # noqa: BLE001 - handed to finish_reads, which tells the peers and re-raises
+            error = exc
+        finish_reads(plan, read=lambda more: base.read_data(more, planner).wait(), error=error)
+        from torch.futures import Future
+
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
 
 def _config_keys() -> set[str]:
     from dcplan.config import config_keys
