@@ -102,6 +102,7 @@ def cli_md() -> str:
 # ------------------------------------------------------------------ hooks
 SIDES = {
     "dcplan_register_strategies": "registration",
+    "dcplan_register_load_strategies": "registration",
     "dcplan_safe_globals": "registration",
     "dcplan_create_local_save_plan": "save",
     "dcplan_dedup": "save",

@@ -115,8 +115,14 @@ class _RecordingTorchPlanner:
         return planner
 
 
-def demo_rank(rank: int, world_size: int, workdir: str, strategies: list[str]) -> dict[str, Any]:
-    """Run on every rank: save with each strategy and torch's default, reload, verify."""
+def demo_rank(
+    rank: int, world_size: int, workdir: str, strategies: list[str], load_strategies: list[str] | None = None
+) -> dict[str, Any]:
+    """Run on every rank: save with each strategy and torch's default, reload, verify.
+
+    With ``load_strategies``, the first strategy's checkpoint is also loaded with each
+    load strategy, counting the bytes each rank reads below the reader (``results["_loads"]``).
+    """
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -160,7 +166,62 @@ def demo_rank(rank: int, world_size: int, workdir: str, strategies: list[str]) -
             "plan_s": plan_time,
             "mismatched": bad,
         }
+    if load_strategies:
+        results["_loads"] = {
+            name: _load_with(name, os.path.join(workdir, strategies[0]), world_size, expected)
+            for name in load_strategies
+        }
     return results
+
+
+def _load_with(load_strategy: str, path: str, world_size: int, expected: dict[str, Any]) -> dict[str, Any]:
+    """Load ``path`` with a load strategy through the metered reader; bytes read, time, verdict."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import dcplan
+    from dcplan.testing.storage import MeteredFileSystemReader
+
+    fresh = build_state(world_size, seed=100, data_seed=99)
+    reader = MeteredFileSystemReader(path)
+    planner = dcplan.LoadPlanner(load_strategy=load_strategy, report=False)
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    dcp.load(fresh, storage_reader=reader, planner=planner)
+    load_time = time.perf_counter() - t0
+    got = _flat(fresh)
+    stats = getattr(planner, "load_stats", None)
+    return {
+        "bytes": reader.meter.bytes_read,
+        "received": stats.received_bytes[torch.distributed.get_rank()] if stats is not None else 0,
+        "mode": getattr(stats, "mode", "plain"),
+        "load_s": load_time,
+        "mismatched": sorted(k for k in expected if k not in got or not _equal(expected[k], got[k])),
+    }
+
+
+def _print_loads(world_size: int, per_rank: list[dict[str, Any]], checkpoint: str) -> bool:
+    loads = per_rank[0].get("_loads") or {}
+    if not loads:
+        return True
+    ok = True
+    print(f"
+Loads of the `{checkpoint}` checkpoint (bytes read from the data files, counted below the reader):")
+    print(f"{'load strategy':<14} " + " ".join(f"{'rank ' + str(r):>10}" for r in range(world_size))
+          + f" {'total':>10} {'received':>10} {'load s':>7}  verified")
+    for name in loads:
+        rows = [r["_loads"][name] for r in per_rank]
+        bad = sorted({k for row in rows for k in row["mismatched"]})
+        ok = ok and not bad
+        verdict = "bit-exact" if not bad else f"MISMATCH in {', '.join(bad[:5])}"
+        if rows[0]["mode"] != "coop" and name != "default":
+            verdict += " (fell back to plain reads)"
+        print(f"{name:<14} " + " ".join(f"{row['bytes']:>10,}" for row in rows)
+              + f" {sum(row['bytes'] for row in rows):>10,} {sum(row['received'] for row in rows):>10,}"
+              f" {max(row['load_s'] for row in rows):>7.2f}  {verdict}")
+    if "cooperative" not in loads:
+        print("(pip install dcplan-coop-load for the `cooperative` load strategy: each stored byte is read once)")
+    return ok
 
 
 def _print_results(world_size: int, per_rank: list[dict[str, Any]], names: list[str], default: str) -> bool:
@@ -208,13 +269,14 @@ def run_demo(world_size: int = 4, strategy: str | None = None, workdir: str | No
     default = cfg.strategy
     pm.get_strategy(default)  # a clear "choose one of" error before any process starts
     names = [default] + [n for n in pm.strategy_names() if n != default]
+    load_names = ["default"] + [n for n in pm.load_strategies if n != "default"]
     tmp = workdir or tempfile.mkdtemp(prefix="dcplan-demo-")
     print(f"dcplan demo: {world_size} gloo processes on the CPU, checkpoints in {tmp}")
     print(f"strategies: {', '.join(names)} and torch's DefaultSavePlanner")
     t0 = time.perf_counter()
     try:
         with GlooPool(world_size, timeout=120) as pool:
-            per_rank = pool.run(demo_rank, tmp, names)
+            per_rank = pool.run(demo_rank, tmp, names, load_names)
     except RankError as exc:
         print(f"dcplan demo: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -222,6 +284,7 @@ def run_demo(world_size: int = 4, strategy: str | None = None, workdir: str | No
         if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     ok = _print_results(world_size, per_rank, [*names, "torch-default"], default)
+    ok = _print_loads(world_size, per_rank, default) and ok
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     if not ok:
         print("dcplan demo: FAILED: reloaded state differs from the saved state", file=sys.stderr)

@@ -26,11 +26,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                     "builtin": i.builtin,
                     "hooks": list(i.hooks),
                     "strategies": list(i.strategies),
+                    "load_strategies": list(i.load_strategies),
                 }
                 for i in infos
             ],
             "strategies": {n: {"distribution": r.distribution, "description": r.strategy.description,
                                "options": r.strategy.options} for n, r in strategies.items()},
+            "load_strategies": {n: {"distribution": r.distribution, "description": r.strategy.description,
+                                    "options": r.strategy.options} for n, r in pm.load_strategies.items()},
             "failed": [{"entry_point": f.entry_point, "distribution": f.distribution, "error": f.error}
                        for f in pm.failed],
         }
@@ -44,6 +47,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         if i.strategies:
             for s in i.strategies:
                 print(f"  strategy: {s} - {strategies[s].strategy.description}")
+        for s in i.load_strategies:
+            print(f"  load strategy: {s} - {pm.load_strategies[s].strategy.description}")
     for f in pm.failed:
         print(f"FAILED {f.distribution} ({f.entry_point}): {f.error}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from typing import Any
 
@@ -83,8 +84,7 @@ class CoopSession:
             return
         if sched.mode == "coop":
             assert read is not None
-            for rnd in sched.rounds:
-                self._round(rnd, read)
+            self._run_rounds(sched.rounds, read)
         stats = self._gather_stats()
         self.planner.load_stats = stats
         if getattr(self.planner, "is_coordinator", False) and self.planner.config.report:
@@ -130,15 +130,29 @@ class CoopSession:
             if self.error is None:
                 self.error = exc
 
-    def _round(self, rnd: RankRound, read: Callable[[LoadPlan], None]) -> None:
-        self._read_round(rnd, read)
+    def _run_rounds(self, rounds: tuple[RankRound, ...], read: Callable[[LoadPlan], None]) -> None:
+        """Exchange round k while a helper thread reads round k + 1 (two rounds in flight)."""
+        if not rounds:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="dcplan-coop-read") as pool:
+            pending = pool.submit(self._read_round, rounds[0], read)
+            for k, rnd in enumerate(rounds):
+                pending.result()
+                if k + 1 < len(rounds):
+                    pending = pool.submit(self._read_round, rounds[k + 1], read)
+                self._round(rnd)
+
+    def _round(self, rnd: RankRound) -> None:
         for p in rnd.local:
             self._deliver(p.item, self._region(p))
         if rnd.bytes_round:
             self._bytes_exchange(rnd)
         else:
             self._tensor_exchange(rnd)
-        self.staged.clear()
+        for item in rnd.reads:
+            uid = self._uid(item)
+            if uid is not None:
+                self.staged.pop(uid, None)
 
     def _tensor_exchange(self, rnd: RankRound) -> None:
         in_splits = [sum(aligned(p.nbytes) for p in ps) for ps in rnd.send]

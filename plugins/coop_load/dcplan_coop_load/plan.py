@@ -162,21 +162,35 @@ def _assign_owners(shared: list[_Share], load: list[int]) -> None:
         load[owner] += share.size
 
 
+def _cost(share: _Share, world: int, metadata: Any) -> list[int]:
+    """Bytes each rank holds for a share during its round: staged + sent (owner), received (others)."""
+    cost = [0] * world
+    cost[share.owner] += share.size
+    for rank, items in share.consumers.items():
+        for item in items:
+            nbytes = aligned(piece_bytes(metadata, item))
+            if rank != share.owner:
+                cost[share.owner] += nbytes
+                cost[rank] += nbytes
+    return cost
+
+
 def _rounds(shared: list[_Share], world: int, limit: int, metadata: Any) -> list[list[_Share]]:
-    """Pack tensor shares into rounds (largest first) so no rank's in-flight bytes pass ``limit``."""
+    """Pack tensor shares into rounds (largest first).
+
+    Two rounds are in flight at a time (the next one is read while this one is
+    exchanged), so a round may hold ``limit / 2`` bytes per rank; rounds are also kept
+    to about an eighth of the busiest rank's total, so that reads and exchange overlap.
+    """
+    costs = {s.uid: _cost(s, world, metadata) for s in shared}
+    busiest = max((sum(c[r] for c in costs.values()) for r in range(world)), default=0)
+    per_round = max(1, min(limit // 2, max(busiest // 8, 4 << 20)))
     rounds: list[list[_Share]] = []
     current: list[_Share] = []
     used = [0] * world
     for share in sorted(shared, key=lambda s: (-s.size, s.uid)):
-        cost = [0] * world
-        cost[share.owner] += share.size
-        for rank, items in share.consumers.items():
-            for item in items:
-                nbytes = aligned(piece_bytes(metadata, item))
-                if rank != share.owner:
-                    cost[share.owner] += nbytes
-                    cost[rank] += nbytes
-        if current and any(u + c > limit for u, c in zip(used, cost)):
+        cost = costs[share.uid]
+        if current and any(u + c > per_round for u, c in zip(used, cost)):
             rounds.append(current)
             current, used = [], [0] * world
         current.append(share)
