@@ -242,3 +242,26 @@ def test_load_strategy_config_and_registry(monkeypatch):
     assert {"default", "cooperative"} <= set(pm.load_strategies)
     info = {i.name: i for i in pm.plugin_infos()}
     assert info["coop_load"].load_strategies == ("cooperative",)
+
+
+def test_register_load_strategies_hook_names_both_on_a_clash():
+    from dcplan.errors import PluginError
+    from dcplan.manager import DcplanPluginManager
+
+    class Mine:
+        @dcplan.hookimpl
+        def dcplan_register_load_strategies(self):
+            return [dcplan.LoadStrategy(name="mine", func=lambda plans, planner: list(plans), description="x")]
+
+    class Clash:
+        @dcplan.hookimpl
+        def dcplan_register_load_strategies(self):
+            return [dcplan.LoadStrategy(name="cooperative", func=lambda plans, planner: list(plans))]
+
+    pm = DcplanPluginManager(extra_plugins=[("mine", Mine())])
+    assert pm.get_load_strategy("mine").description == "x"
+    planner = dcplan.LoadPlanner(load_strategy="mine", plugin_manager=pm)
+    assert planner.load_strategy.name == "mine"
+    pm = DcplanPluginManager(extra_plugins=[("clash", Clash())])
+    with pytest.raises(PluginError, match="load strategy 'cooperative' is registered twice.*dcplan-coop-load.*clash"):
+        pm.get_load_strategy("cooperative")

@@ -229,7 +229,8 @@ class DcplanPluginManager:
         for impl in self.pm.hook.dcplan_register_load_strategies.get_hookimpls():
             pname = impl.plugin_name
             dist = self._dist.get(pname, (pname, None))[0] or pname
-            for strategy in impl.function() or ():
+            result: Any = impl.function()
+            for strategy in result or ():
                 if not isinstance(strategy, LoadStrategy):
                     raise PluginError(
                         f"plugin {pname!r} ({dist}) returned {strategy!r} from "

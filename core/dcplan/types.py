@@ -38,6 +38,27 @@ def _freeze_options(value: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(value or {})
 
 
+def _resolve_options(
+    name: str,
+    defaults: Mapping[str, Any],
+    check: Callable[[dict[str, Any]], None] | None,
+    given: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        valid = ", ".join(sorted(defaults)) or "(none)"
+        raise ValueError(
+            f"strategy {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options: {valid}"
+        )
+    out = dict(defaults)
+    out.update(given)
+    if check is not None:
+        check(out)
+    return out
+
+
 @attrs.frozen
 class Strategy:
     """A named dedup strategy, as returned by ``dcplan_register_strategies``.
@@ -60,19 +81,7 @@ class Strategy:
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Return the defaults overlaid with ``given``; unknown names are an error."""
-        given = dict(given or {})
-        unknown = sorted(set(given) - set(self.options))
-        if unknown:
-            valid = ", ".join(sorted(self.options)) or "(none)"
-            raise ValueError(
-                f"strategy {self.name!r} has no option(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: {valid}"
-            )
-        out = dict(self.options)
-        out.update(given)
-        if self.check_options is not None:
-            self.check_options(out)
-        return out
+        return _resolve_options(self.name, self.options, self.check_options, given)
 
     def __call__(self, all_plans: Sequence[SavePlan], **options: Any) -> list[SavePlan]:
         return self.func(all_plans, **self.resolve_options(options))
@@ -109,7 +118,9 @@ class LoadStrategy:
     local_info: Callable[..., Any] | None = attrs.field(default=None)
     start: Callable[..., Any] | None = attrs.field(default=None)
 
-    resolve_options = Strategy.resolve_options
+    def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Return the defaults overlaid with ``given``; unknown names are an error."""
+        return _resolve_options(self.name, self.options, self.check_options, given)
 
 
 @attrs.frozen

@@ -205,8 +205,7 @@ def _print_loads(world_size: int, per_rank: list[dict[str, Any]], checkpoint: st
     if not loads:
         return True
     ok = True
-    print(f"
-Loads of the `{checkpoint}` checkpoint (bytes read from the data files, counted below the reader):")
+    print(f"\nLoads of the `{checkpoint}` checkpoint (bytes read from the data files, counted below the reader):")
     print(f"{'load strategy':<14} " + " ".join(f"{'rank ' + str(r):>10}" for r in range(world_size))
           + f" {'total':>10} {'received':>10} {'load s':>7}  verified")
     for name in loads:

@@ -436,13 +436,15 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
         finish_reads = getattr(planner, "finish_reads", None)
         if not callable(finish_reads):
             return super().read_data(plan, planner)
-        base = super()
+        def read(more: Any) -> None:
+            _TorchFileSystemReader.read_data(self, more, planner).wait()
+
         error: BaseException | None = None
         try:
-            base.read_data(plan, planner).wait()
+            read(plan)
         except Exception as exc:  # noqa: BLE001 - handed to finish_reads, which tells the peers and re-raises
             error = exc
-        finish_reads(plan, read=lambda more: base.read_data(more, planner).wait(), error=error)
+        finish_reads(plan, read=read, error=error)
         from torch.futures import Future
 
         fut: Future[None] = Future()

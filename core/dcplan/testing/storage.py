@@ -95,4 +95,4 @@ class MeteredFileSystemReader(FileSystemReader):
     def __init__(self, path: str | os.PathLike[str], *args: Any, bandwidth: float | None = None, **kwargs: Any) -> None:
         super().__init__(path, *args, **kwargs)
         self.meter = Meter(bandwidth)
-        self.fs = _MeteredFS(self.fs, self.meter)
+        self.fs = _MeteredFS(self.fs, self.meter)  # type: ignore[assignment]

@@ -79,7 +79,7 @@ def _chunk_sizes(metadata: Any, index: MetadataIndex) -> tuple[int, ...] | None:
     chunks = getattr(md, "chunks", None)
     if not chunks:
         return None
-    offset = tuple(index.offset)
+    offset = tuple(index.offset or ())
     hint = index.index
     if hint is not None and 0 <= hint < len(chunks) and tuple(chunks[hint].offsets) == offset:
         return tuple(chunks[hint].sizes)
