@@ -41,6 +41,7 @@ def ckpts(pool, tmp_path_factory):
     for layout in ("ddp", "hsdp", "tp", "fsdp"):
         path = str(tmp_path_factory.mktemp(f"coop-{layout}"))
         out[layout] = (path, pool.run(fns.save, path, layout), fns.read_once_bytes(path))
+        assert out[layout][2] > 0, "the metered reader counted nothing: it no longer sits below torch's reader"
     return out
 
 

@@ -273,6 +273,7 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
         start = self.load_strategy.start
+        self.load_stats = None
         self.load_session = None if start is None else start(self, new_plan, self.load_strategy_options)
         return new_plan
 
