@@ -33,10 +33,10 @@ def _to_cuda(obj: Any) -> Any:
 
 
 def cuda_rank(rank: int, world: int, path: str, mode: str) -> dict[str, Any]:
+    import _coop_fns as fns
     import torch
     import torch.distributed.checkpoint as dcp
 
-    import _coop_fns as fns
     import dcplan
     from dcplan import compat
     from dcplan.testing.storage import MeteredFileSystemReader
