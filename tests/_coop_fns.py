@@ -141,9 +141,23 @@ def load(
         planner = dcplan.LoadPlanner(load_strategy=strategy, load_strategy_options=options, partial_load=partial)
         if group is not None:
             planner.process_group = group
-    dcp.load(sd, storage_reader=reader, planner=planner, process_group=group)
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("dcplan")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        dcp.load(sd, storage_reader=reader, planner=planner, process_group=group)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
     stats = getattr(planner, "load_stats", None)
     out = {
+        "load_reports_logged": sum(1 for m in records if m.startswith("dcplan load (")),
         "digest": digest(sd),
         "bytes": reader.meter.bytes_read,
         "stats": stats.to_dict() if stats is not None else None,

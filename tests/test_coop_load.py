@@ -71,6 +71,7 @@ def test_cooperative_reads_each_stored_byte_once(pool, ckpts, layout):
     assert [r["stats"] for r in coop] == [stats] * WORLD  # every rank holds the same report
     assert sum(stats["received_bytes"]) == sum(stats["sent_bytes"]) > 0
     assert all(s > 0 for s in stats["seconds"])
+    assert [r["load_reports_logged"] for r in coop] == [1, 0, 0, 0]  # once, on the coordinator
 
 
 @pytest.mark.multiproc
