@@ -267,3 +267,17 @@ def test_register_load_strategies_hook_names_both_on_a_clash():
     pm = DcplanPluginManager(extra_plugins=[("clash", Clash())])
     with pytest.raises(PluginError, match="load strategy 'cooperative' is registered twice.*dcplan-coop-load.*clash"):
         pm.get_load_strategy("cooperative")
+
+
+def test_cli_lists_load_strategies_and_config(capsys, monkeypatch):
+    from dcplan.cli.main import main
+
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "load strategy: cooperative - each stored byte" in out
+    assert "load strategy: default - every rank reads" in out
+    monkeypatch.setenv("DCPLAN_LOAD_STRATEGY_OPTIONS", '{"scope": "node"}')
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert 'load_strategy         = "default"' in out
+    assert '"scope": "node"' in out and "environment (DCPLAN_*)" in out
