@@ -281,3 +281,17 @@ def test_cli_lists_load_strategies_and_config(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert 'load_strategy         = "default"' in out
     assert '"scope": "node"' in out and "environment (DCPLAN_*)" in out
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_demo_shows_bytes_read_per_load_strategy(tmp_path):
+    import subprocess
+
+    demo = [sys.executable, "-c", "import sys; from dcplan.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+    proc = subprocess.run([*demo, "demo", "--world-size", "4"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines() if ln.split()[:1] in (["default"], ["cooperative"])}
+    totals = {k: int(v[5].replace(",", "")) for k, v in lines.items()}
+    assert totals["cooperative"] * 3 < totals["default"]  # 4 ranks: mostly replicated state, read once
+    assert "bit-exact" in " ".join(lines["cooperative"])
