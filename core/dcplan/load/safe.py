@@ -436,6 +436,7 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
         finish_reads = getattr(planner, "finish_reads", None)
         if not callable(finish_reads):
             return super().read_data(plan, planner)
+
         def read(more: Any) -> None:
             _TorchFileSystemReader.read_data(self, more, planner).wait()
 
