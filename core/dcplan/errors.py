@@ -12,6 +12,7 @@ __all__ = [
     "PlanMismatchError",
     "PlanValidationError",
     "MissingKeysError",
+    "PluginWarning",
 ]
 
 
@@ -30,21 +31,26 @@ class PluginError(DcplanError, RuntimeError):
 class UnknownStrategyError(ConfigError):
     """Config names a strategy that no loaded plugin registers."""
 
-    def __init__(self, name: str, valid: Sequence[str], failed: Sequence[str] = ()) -> None:
+    def __init__(self, name: str, valid: Sequence[str], failed: Sequence[str] = (), hint: str = "") -> None:
         self.name = name
         self.valid = list(valid)
         self.failed = list(failed)
+        self.hint = hint
         msg = (
             f"unknown dcplan strategy {name!r}; choose one of: "
             f"{', '.join(self.valid) if self.valid else '(none installed)'}"
         )
         if self.failed:
             msg += "; plugins that failed to load: " + "; ".join(self.failed)
-        msg += " (install the plugin that provides it, e.g. pip install dcplan-size-balanced)"
+        msg += f" ({hint})" if hint else " (install the plugin that provides it, e.g. pip install dcplan-size-balanced)"
         super().__init__(msg)
 
     def __reduce__(self) -> tuple:  # type: ignore[type-arg]
-        return (type(self), (self.name, self.valid, self.failed))
+        return (type(self), (self.name, self.valid, self.failed, self.hint))
+
+
+class PluginWarning(RuntimeWarning):
+    """A plugin was skipped (failed to import or to register), or a plugin selection name matched nothing."""
 
 
 class PlanMismatchError(DcplanError, RuntimeError):

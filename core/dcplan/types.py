@@ -6,6 +6,7 @@ importing torch, and so that the core can validate them when they arrive.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -64,9 +65,11 @@ class Strategy:
         unknown = sorted(set(given) - set(self.options))
         if unknown:
             valid = ", ".join(sorted(self.options)) or "(none)"
+            close = [m for u in unknown for m in difflib.get_close_matches(u, sorted(self.options), n=1)]
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(
                 f"strategy {self.name!r} has no option(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: {valid}"
+                f"valid options: {valid}{hint}"
             )
         out = dict(self.options)
         out.update(given)
