@@ -202,7 +202,8 @@ def test_every_hook_is_documented():
     gen = _gen()
     for name, _ in _hooks():
         assert f"{{autodoc2-object}} dcplan.hookspecs.{name}" in hooks_page, f"docs/hooks.md does not render {name}"
-        assert f"<dcplan.hookspecs.{name}>" in table, f"regenerate docs/_generated/hooks.md ({name})"
+        assert f"<hook-{name}>" in table, f"regenerate docs/_generated/hooks.md ({name})"
+        assert f"(hook-{name})=" in hooks_page, f"docs/hooks.md lacks the in-page target of {name}"
         assert f"| `{name}` |" in concepts, f"docs/concepts.md's 'may change' table lacks {name}"
         assert name in gen.SIDES, f"docs/_gen.py SIDES lacks {name}"
 

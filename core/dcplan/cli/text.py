@@ -12,7 +12,7 @@ _ROLE = re.compile(r":[a-z]+:`~?([^`<]+?)(?:\s*<[^>]+>)?`")
 
 
 def plain(doc: str | None) -> str:
-    """A reST docstring as terminal text: no ``literal`` quotes, no :role:`x`, no trailing ``::``."""
+    """A reST docstring as terminal text: no double-backquote literals, no roles, no trailing double colon."""
     text = _ROLE.sub(r"\1", doc or "")
     text = text.replace("``", "")
     text = re.sub(r"\s*::$", ":", text, flags=re.M)
