@@ -296,3 +296,49 @@ def test_core_alone_falls_back_to_the_torch_strategy():
     assert planner.strategy.name == "torch"
     with pytest.raises(UnknownStrategyError):  # asked for by name: an error, not a silent fallback
         dcplan.SavePlanner(plugin_manager=pm, strategy="size_balanced")
+
+
+# ------------------------------------------------------------------ commands from plugins
+COMMAND_SRC = '''
+import dcplan
+
+def _hello(args):
+    import sys
+    print("hello", args.who, "torch imported:", "torch" in sys.modules)
+    return 0
+
+@dcplan.hookimpl
+def dcplan_register_commands(subparsers):
+    p = subparsers.add_parser({name!r}, help="say hello")
+    p.add_argument("who")
+    p.set_defaults(func=_hello)
+'''
+
+
+def _cli_dist(site: Path, dist: str, module: str, command: str) -> None:
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(COMMAND_SRC.format(name=command))
+    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[dcplan.cli]\n{module} = {module}\n")
+
+
+def test_a_plugin_adds_a_command_through_the_hook(tmp_path):
+    site = tmp_path / "site"
+    _cli_dist(site, "fake-hello", "fake_hello", "hello")
+    proc = _run("hello", "world", cwd=tmp_path, PYTHONPATH=str(site))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "hello world torch imported: False"
+    assert "say hello" in _run("--help", cwd=tmp_path, PYTHONPATH=str(site)).stdout
+    data = json.loads(_run("plugins", "--json", cwd=tmp_path, PYTHONPATH=str(site)).stdout)
+    assert data["commands"]["hello"] == "fake-hello"
+
+
+def test_two_plugins_adding_one_command_is_an_error(tmp_path):
+    site = tmp_path / "site"
+    _cli_dist(site, "fake-convert", "fake_convert", "convert")
+    proc = _run("--help", cwd=tmp_path, PYTHONPATH=str(site))
+    assert proc.returncode == 2
+    assert "the dcplan command 'convert' is added twice" in proc.stderr and "fake_convert" in proc.stderr
+    assert "empty_load" in proc.stderr
