@@ -36,7 +36,6 @@ with --force.
 
 def _report_safetensors(args: argparse.Namespace) -> None:
     from dcplan.cli.progress import progress
-
     from dcplan_empty_load.convert import dcp_to_safetensors
 
     out = dcp_to_safetensors(args.source, args.dest, args.keys, max_shard_size=args.max_shard_size,
