@@ -42,4 +42,5 @@ autodoc2_module_all_regexes: list[str] = []
 # furo: a full-width, readable theme; the configuration and hooks tables need the room
 html_theme = "furo"
 html_title = "dcplan"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
