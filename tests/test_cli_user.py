@@ -342,3 +342,17 @@ def test_two_plugins_adding_one_command_is_an_error(tmp_path):
     assert proc.returncode == 2
     assert "the dcplan command 'convert' is added twice" in proc.stderr and "fake_convert" in proc.stderr
     assert "empty_load" in proc.stderr
+
+
+def test_cli_warnings_are_one_line_and_point_at_the_plugin(tmp_path):
+    site = tmp_path / "site"
+    make_dist(site, "fake-broken", "fake_broken", "raise ImportError('needs cuda_magic')\n")
+    proc = _run("config", cwd=tmp_path, PYTHONPATH=str(site), DCPLAN_DISABLE_PLUGINS="lowst_rank")
+    assert proc.returncode == 0
+    lines = proc.stderr.splitlines()
+    assert any(ln.startswith(f"{site / 'fake_broken.py'}:1: dcplan: warning: dcplan plugin 'fake_broken' "
+                             "(distribution fake-broken) failed to load: ImportError: needs cuda_magic")
+               for ln in lines), proc.stderr
+    assert "dcplan: warning: DCPLAN_DISABLE_PLUGINS names 'lowst_rank', which matches no installed dcplan " \
+           "plugin; did you mean 'lowest_rank'?" in proc.stderr
+    assert "manager.py" not in proc.stderr

@@ -265,16 +265,19 @@ class DcplanPluginManager:
             self._origin[modname] = "DCPLAN_PLUGINS"
 
     def _warn_unmatched(self, found: Sequence[_Found]) -> None:
-        known = {_norm(f.ep.name) for f in found} | {_norm(f.dist) for f in found}
+        if self.group != ENTRY_POINT_GROUP:  # the CLI's manager: the main one warns, once
+            return
+        shown = {_norm(f.ep.name): f.ep.name for f in found} | {_norm(f.dist): f.dist for f in found}
+        known = set(shown) | _cli_plugin_names()
         for var, names in (("DCPLAN_LOAD_PLUGINS", self.allow or []), ("DCPLAN_DISABLE_PLUGINS", self.deny)):
             for name in names:
                 if name in known:
                     continue
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                close = difflib.get_close_matches(name, sorted(shown), n=1)
+                hint = f"; did you mean {shown[close[0]]!r}?" if close else ""
                 warnings.warn(
                     f"{var} names {name!r}, which matches no installed dcplan plugin{hint} "
-                    f"(installed: {', '.join(sorted(f.dist for f in found)) or 'none'})",
+                    f"(installed: {', '.join(sorted({f.dist for f in found})) or 'none'})",
                     PluginWarning,
                     stacklevel=4,
                 )
@@ -416,6 +419,20 @@ class DcplanPluginManager:
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+
+def _cli_plugin_names() -> set[str]:
+    """Entry-point and distribution names of the ``dcplan.cli`` group (selection names may match those)."""
+    names: set[str] = set()
+    for dist in md.distributions():
+        try:
+            eps = [ep.name for ep in dist.entry_points if ep.group == CLI_ENTRY_POINT_GROUP]
+            if eps:
+                names.update(_norm(n) for n in eps)
+                names.add(_norm(str(dist.metadata["Name"] or "?")))
+        except Exception:  # noqa: BLE001 - a half-installed distribution
+            continue
+    return names
 
 
 def _version(dist: str) -> str | None:

@@ -117,8 +117,20 @@ def _missing_command(argv: Sequence[str], parser: argparse.ArgumentParser) -> in
     return None
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """Warnings as one line; the file only when it is not dcplan's own (a plugin's, say)."""
+    core = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = "" if os.path.abspath(filename).startswith(core) else f"{filename}:{lineno}: "
+    return f"{where}dcplan: warning: {message}\n"
+
+
 def _run(argv: Sequence[str]) -> int:
+    import warnings
+
     from dcplan.errors import DcplanError
+
+    warnings.formatwarning = _format_warning
 
     try:
         parser = build_parser()
