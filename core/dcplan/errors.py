@@ -42,7 +42,10 @@ class UnknownStrategyError(ConfigError):
         )
         if self.failed:
             msg += "; plugins that failed to load: " + "; ".join(self.failed)
-        msg += f" ({hint})" if hint else " (install the plugin that provides it, e.g. pip install dcplan-size-balanced)"
+        msg += f" ({hint})" if hint else (
+            " (install the plugin that provides it, e.g. dcplan-size-balanced: from a clone of dcplan, "
+            "pip install ./plugins/size_balanced)"
+        )
         super().__init__(msg)
 
     def __reduce__(self) -> tuple:  # type: ignore[type-arg]
