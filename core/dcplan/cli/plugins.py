@@ -36,8 +36,11 @@ def describe_plugins(pm: Any, *, commands: dict[str, str], traceback: bool = Fal
     loaded = []
     for i in pm.plugin_infos():
         mine = sorted(c for c, dist in commands.items() if _norm(dist) == _norm(i.distribution or i.name))
+        plugin = pm.pm.get_plugin(i.name)
+        doc = (getattr(plugin, "__doc__", None) or "").strip()
         loaded.append({
             "name": i.name, "distribution": i.distribution, "version": i.version, "builtin": i.builtin,
+            "module": getattr(plugin, "__file__", None), "summary": doc.splitlines()[0] if doc else "",
             "origin": pm.origin(i.name), "hooks": list(i.hooks), "strategies": list(i.strategies),
             "commands": mine if (i.builtin or _norm(i.distribution or "") != "dcplan") else [],
         })
@@ -81,6 +84,11 @@ def _print_plugin(p: dict[str, Any], strategies: dict[str, Any], full: bool) -> 
     tag = " (built-in)" if p["builtin"] else ""
     print(f"{p['distribution'] or p['name']} {p['version'] or ''}".rstrip() + tag)
     print(f"  plugin: {p['name']}" + (f" ({p['origin']})" if full else ""))
+    if full:
+        if p["summary"]:
+            print(f"  about: {p['summary']}")
+        if p["module"]:
+            print(f"  module: {p['module']}")
     print(f"  hooks: {', '.join(h.removeprefix('dcplan_') for h in p['hooks']) or '-'}")
     for s in p["strategies"]:
         print(f"  strategy: {s} - {strategies[s]['description']}")
