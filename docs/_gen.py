@@ -96,6 +96,10 @@ def cli_md() -> str:
     parts = [HEADER, "```text\n$ dcplan --help\n" + parser.format_help().rstrip() + "\n```\n"]
     for name, p in sub.choices.items():
         parts.append(f"## `dcplan {name}`\n\n```text\n$ dcplan {name} --help\n{p.format_help().rstrip()}\n```\n")
+        for a in p._actions:  # nested commands: dcplan plugins info
+            if isinstance(a, argparse._SubParsersAction):
+                for inner, q in a.choices.items():
+                    parts.append(f"```text\n$ dcplan {name} {inner} --help\n{q.format_help().rstrip()}\n```\n")
     return "\n".join(parts)
 
 
@@ -114,6 +118,7 @@ SIDES = {
     "dcplan_missing_keys_policy": "load",
     "dcplan_create_local_load_plan": "load",
     "dcplan_create_global_load_plan": "load",
+    "dcplan_register_commands": "command line",
 }
 
 
@@ -138,7 +143,7 @@ def hooks_md() -> str:
         first = bool(getattr(func, "dcplan_spec", {}).get("firstresult"))
         runs = field(doc, "runs on")
         results = field(doc, "results")
-        link = f"{{py:func}}`{name} <dcplan.hookspecs.{name}>`"
+        link = f"{{ref}}`{name} <hook-{name}>`"  # the spec on the hooks page, not the API page
         rows.append(
             f"| {link} | {SIDES.get(name, '?')} | {_cell(runs)} | {_cell(results)} | {'yes' if first else 'no'} |"
         )
@@ -163,9 +168,12 @@ def repo_strategies() -> list[tuple[str, str, object]]:
 
 
 def strategies_md() -> str:
-    rows = ["| strategy | distribution | options (defaults) | what it does |", "|---|---|---|---|"]
+    from dcplan.config import toml_value
+
+    rows = ["| strategy | distribution | options (defaults, as TOML) | what it does |", "|---|---|---|---|"]
     for name, dist, strat in repo_strategies():
-        opts = ", ".join(f"`{k} = {v!r}`" for k, v in strat.options.items()) or "none"  # type: ignore[attr-defined]
+        options = strat.options.items()  # type: ignore[attr-defined]
+        opts = "<br>".join(f"`{k} = {toml_value(v)}`" for k, v in options) or "none"
         rows.append(f"| `{name}` | `{dist}` | {opts} | {_cell(strat.description)} |")  # type: ignore[attr-defined]
     return HEADER + "\n".join(rows) + "\n"
 

@@ -39,6 +39,8 @@ autodoc2_docstring_parser_regexes = [(r".*", "napoleon_rst")]
 # re-exported names (dcplan.Config is dcplan.config.Config) are documented once, where they are defined
 autodoc2_module_all_regexes: list[str] = []
 
-html_theme = "alabaster"
+# furo: a full-width, readable theme; the configuration and hooks tables need the room
+html_theme = "furo"
 html_title = "dcplan"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]

@@ -42,7 +42,9 @@ def test_plugins_text_and_disable(tmp_path):
     proc = _run("plugins", cwd=tmp_path, DCPLAN_DISABLE_PLUGINS="dcplan-lowest-rank")
     assert proc.returncode == 0
     assert "dcplan-size-balanced" in proc.stdout and "strategy: size_balanced" in proc.stdout
-    assert "lowest_rank" not in proc.stdout
+    assert "strategy: lowest_rank" not in proc.stdout
+    # a disabled plugin is listed as disabled, with the variable that disabled it (issue 18)
+    assert "DISABLED dcplan-lowest-rank 0.1.0 (lowest_rank): disabled by DCPLAN_DISABLE_PLUGINS" in proc.stdout
 
 
 def _wheel(tmp_path: Path, dist: str, module: str, strategy: str) -> Path:

@@ -90,3 +90,12 @@ def test_bad_checkpoints_give_one_line_errors(ckpt, tmp_path, capsys, case, matc
 def test_trust_reads_with_full_pickle(ckpt, capsys):
     assert main(["inspect", ckpt, "--trust", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["keys"] == 5
+
+
+def test_json_planner_data_is_structured(ckpt, capsys):
+    """``planner_data`` is the flattening mapping as data, not a count in a string (issue 18)."""
+    assert main(["inspect", ckpt, "--json"]) == 0
+    pd = json.loads(capsys.readouterr().out)["planner_data"]
+    assert pd["model.w"] == ["model", "w"] and list(map(str, pd["optim.state.0.m"])) == ["optim", "state", "0", "m"]
+    assert main(["inspect", ckpt]) == 0
+    assert f"planner_data: {len(pd)} entries" in capsys.readouterr().out

@@ -202,7 +202,8 @@ def test_every_hook_is_documented():
     gen = _gen()
     for name, _ in _hooks():
         assert f"{{autodoc2-object}} dcplan.hookspecs.{name}" in hooks_page, f"docs/hooks.md does not render {name}"
-        assert f"<dcplan.hookspecs.{name}>" in table, f"regenerate docs/_generated/hooks.md ({name})"
+        assert f"<hook-{name}>" in table, f"regenerate docs/_generated/hooks.md ({name})"
+        assert f"(hook-{name})=" in hooks_page, f"docs/hooks.md lacks the in-page target of {name}"
         assert f"| `{name}` |" in concepts, f"docs/concepts.md's 'may change' table lacks {name}"
         assert name in gen.SIDES, f"docs/_gen.py SIDES lacks {name}"
 
@@ -217,3 +218,56 @@ def test_every_hook_has_a_test():
     text = "\n".join(sources)
     untested = [name for name, _ in _hooks() if not re.search(rf"\b{name}\b", text)]
     assert not untested, f"hooks no test uses: {', '.join(untested)}"
+
+
+# ------------------------------------------------------------------ what a new user stumbled on (issue 18)
+def test_theme_has_room_for_wide_tables():
+    conf = (DOCS / "conf.py").read_text()
+    assert 'html_theme = "furo"' in conf and '"custom.css"' in conf
+    assert "furo" in (DOCS / "requirements.txt").read_text()
+    tox = (ROOT / "tox.ini").read_text()
+    docs_env = tox.split("[testenv:docs]")[1].split("\n[")[0]
+    assert "furo" in docs_env
+    assert ".content" in (DOCS / "_static" / "custom.css").read_text()
+
+
+def test_strategy_options_are_shown_as_toml():
+    table = (DOCS / "_generated" / "strategies.md").read_text()
+    assert 'mode = "balanced"' in table and "save_to_lowest_rank = false" in table
+    assert "'balanced'" not in table and "False" not in table
+
+
+def test_install_commands_work_from_a_clone():
+    """Nothing is on the package index: every `pip install` the user pages show names a local path."""
+    for page in ["quickstart.md", "strategies.md", "configuration.md", "cli.md", "writing-a-plugin.md"]:
+        for line in (DOCS / page).read_text().splitlines():
+            if line.lstrip().startswith("$") and "pip install" in line and "build twine" not in line:
+                assert "./" in line or "-e ." in line or '-e ".[' in line, (page, line)
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install ./ ./plugins/size_balanced" in readme
+
+
+def test_quickstart_pyproject_snippet_has_its_table_header():
+    for body in blocks("quickstart.md", "toml"):
+        if "pyproject.toml" in body.splitlines()[0]:
+            assert "[tool.dcplan]" in body
+            break
+    else:
+        raise AssertionError("the quickstart has no pyproject.toml snippet")
+
+
+def test_strategies_page_shows_how_to_select_one():
+    text = (DOCS / "strategies.md").read_text()
+    assert "## Select a strategy" in text
+    snippet = blocks("strategies.md", "toml")[0]
+    data = tomllib.loads(snippet)["tool"]["dcplan"]
+    from dcplan.config import Config
+
+    Config(**data)
+    assert "DCPLAN_STRATEGY=" in text and "SavePlanner(strategy=" in text
+
+
+def test_local_plugin_route_is_documented():
+    text = (DOCS / "configuration.md").read_text()
+    assert "## Local plugins" in text and "DCPLAN_PLUGINS=my_strategy" in text and "plugin_manager=pm" in text
+    assert "built-in `torch` strategy" in text  # what the core alone does

@@ -24,15 +24,45 @@ from dcplan.errors import (
     PluginError,
     UnknownStrategyError,
 )
-from dcplan.load.planner import LoadPlanner
-from dcplan.load.report import LoadReport
-from dcplan.load.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
 from dcplan.manager import get_plugin_manager, hookimpl
-from dcplan.save.planner import SavePlanner
 from dcplan.types import LoadStrategy, PluginInfo, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.checkpoint.planner import SavePlan
+
+    from dcplan.load.planner import LoadPlanner
+    from dcplan.load.report import LoadReport
+    from dcplan.load.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
+    from dcplan.save.planner import SavePlanner
+
+# The names below import torch; they are loaded on first use (PEP 562), so that
+# ``import dcplan`` and the ``dcplan`` command line (``dcplan --help``) stay fast.
+_LAZY = {
+    "LoadPlanner": "dcplan.load.planner",
+    "LoadReport": "dcplan.load.report",
+    "CheckpointReadError": "dcplan.load.safe",
+    "FileSystemReader": "dcplan.load.safe",
+    "MetadataVersionError": "dcplan.load.safe",
+    "UnsafeCheckpointError": "dcplan.load.safe",
+    "SavePlanner": "dcplan.save.planner",
+}
+_SUBMODULES = frozenset({"builtin", "compat", "fmt", "gcpause", "hookspecs", "load", "save", "testing", "workloads"})
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"dcplan.{name}")
+    raise AttributeError(f"module 'dcplan' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "CheckpointReadError",
@@ -67,13 +97,17 @@ except Exception:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 
-def dedup(all_plans: Sequence[SavePlan], strategy: str = "size_balanced", **options: Any) -> list[SavePlan]:
+def dedup(all_plans: Sequence[SavePlan], strategy: str | None = None, **options: Any) -> list[SavePlan]:
     """Run a registered dedup strategy on local plans, without processes.
 
     :param all_plans: one local ``SavePlan`` per rank, in rank order. Not mutated.
-    :param strategy: a registered strategy name (``dcplan plugins`` lists them).
+    :param strategy: a registered strategy name (``dcplan plugins`` lists them); default
+        ``size_balanced``, or the built-in ``torch`` strategy when ``dcplan-size-balanced``
+        is not installed.
     :param options: the strategy's options (unknown names are an error).
     :returns: new plans, one per rank, each item written by one of its holders.
     """
-    strat = get_plugin_manager().get_strategy(strategy)
+    from dcplan.manager import DEFAULT_STRATEGY
+
+    strat = get_plugin_manager().resolve_strategy(strategy or DEFAULT_STRATEGY, explicit=strategy is not None)
     return list(strat.func(list(all_plans), **strat.resolve_options(options)))

@@ -14,9 +14,11 @@ Sources, highest precedence first:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,34 @@ import attrs
 
 from dcplan.errors import ConfigError
 
-__all__ = ["Config", "resolve_config", "ENV_PREFIX", "config_keys"]
+__all__ = ["Config", "resolve_config", "ENV_PREFIX", "config_keys", "parse_bool", "parse_name_list"]
 
 ENV_PREFIX = "DCPLAN_"
 #: DCPLAN_* variables that select plugins rather than set config keys.
-PLUGIN_ENV = frozenset({"DCPLAN_LOAD_PLUGINS", "DCPLAN_DISABLE_PLUGINS", "DCPLAN_STRICT_PLUGINS"})
+PLUGIN_ENV = frozenset(
+    {"DCPLAN_LOAD_PLUGINS", "DCPLAN_DISABLE_PLUGINS", "DCPLAN_STRICT_PLUGINS", "DCPLAN_PLUGINS"}
+)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_bool(raw: str, name: str) -> bool:
+    """The one boolean parser of dcplan's environment variables (config keys and plugin switches).
+
+    ``1/true/yes/on`` are true, ``0/false/no/off`` and the empty string false (any case);
+    anything else is a :class:`ConfigError` naming the variable ``name``.
+    """
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+
+
+def parse_name_list(raw: str) -> list[str]:
+    """A comma-separated list of names (plugin selection variables), blanks dropped."""
+    return [p.strip() for p in raw.split(",") if p.strip()]
 
 
 def _str_tuple(value: Any) -> tuple[str, ...]:
@@ -138,12 +163,7 @@ def _type_of(name: str) -> str:
 def _parse_env(name: str, raw: str) -> Any:
     kind = _type_of(name)
     if kind == "bool":
-        low = raw.strip().lower()
-        if low in {"1", "true", "yes", "on"}:
-            return True
-        if low in {"0", "false", "no", "off", ""}:
-            return False
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean; use 1/0 or true/false")
+        return parse_bool(raw, f"{ENV_PREFIX}{name.upper()}")
     if kind == "int":
         try:
             return int(raw)
@@ -185,6 +205,44 @@ def _check_keys(data: Mapping[str, Any], source: str) -> None:
         )
 
 
+def toml_value(value: Any) -> str:
+    """``value`` as TOML writes it (``true``, ``"balanced"``, ``[1, 2]``, ``{ a = 1 }``); ``None`` as unset."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def known_env_vars() -> list[str]:
+    """Every ``DCPLAN_*`` variable dcplan reads: one per config key, and the plugin selection ones."""
+    return sorted([ENV_PREFIX + k.upper() for k in config_keys()] + list(PLUGIN_ENV))
+
+
+def _unknown_env(key: str) -> None:
+    """A ``DCPLAN_*`` variable no key claims: a near miss of a real one is an error, others a warning."""
+    known = known_env_vars()
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+    if close and not key.startswith(ENV_PREFIX + "TEST_"):
+        raise ConfigError(f"unknown environment variable {key}; did you mean {close[0]}?")
+    warnings.warn(
+        f"dcplan ignores the environment variable {key}: no dcplan setting has that name "
+        f"(dcplan reads {', '.join(known)})",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _find_up(start: Path, name: str) -> Path | None:
     for d in (start, *start.parents):
         p = d / name
@@ -224,11 +282,8 @@ def _sources(cwd: Path, env: Mapping[str, str]) -> list[tuple[str, dict[str, Any
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name not in _FIELDS:
-            valid = ", ".join(ENV_PREFIX + k.upper() for k in config_keys())
-            raise ConfigError(
-                f"unknown environment variable {key}; valid dcplan variables: {valid}, "
-                f"{', '.join(sorted(PLUGIN_ENV))}"
-            )
+            _unknown_env(key)
+            continue
         env_data[name] = _parse_env(name, raw)
     if env_data:
         layers.append(("environment (DCPLAN_*)", env_data))

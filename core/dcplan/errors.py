@@ -12,6 +12,7 @@ __all__ = [
     "PlanMismatchError",
     "PlanValidationError",
     "MissingKeysError",
+    "PluginWarning",
 ]
 
 
@@ -31,11 +32,12 @@ class UnknownStrategyError(ConfigError):
     """Config names a strategy that no loaded plugin registers."""
 
     def __init__(
-        self, name: str, valid: Sequence[str], failed: Sequence[str] = (), kind: str = "strategy"
+        self, name: str, valid: Sequence[str], failed: Sequence[str] = (), hint: str = "", kind: str = "strategy"
     ) -> None:
         self.name = name
         self.valid = list(valid)
         self.failed = list(failed)
+        self.hint = hint
         self.kind = kind
         msg = (
             f"unknown dcplan {kind} {name!r}; choose one of: "
@@ -43,12 +45,19 @@ class UnknownStrategyError(ConfigError):
         )
         if self.failed:
             msg += "; plugins that failed to load: " + "; ".join(self.failed)
-        example = "dcplan-coop-load" if kind == "load strategy" else "dcplan-size-balanced"
-        msg += f" (install the plugin that provides it, e.g. pip install {example})"
+        example = "coop_load" if kind == "load strategy" else "size_balanced"
+        msg += f" ({hint})" if hint else (
+            f" (install the plugin that provides it, e.g. dcplan-{example.replace('_', '-')}: from a clone of dcplan, "
+            f"pip install ./plugins/{example})"
+        )
         super().__init__(msg)
 
     def __reduce__(self) -> tuple:  # type: ignore[type-arg]
-        return (type(self), (self.name, self.valid, self.failed, self.kind))
+        return (type(self), (self.name, self.valid, self.failed, self.hint, self.kind))
+
+
+class PluginWarning(RuntimeWarning):
+    """A plugin was skipped (failed to import or to register), or a plugin selection name matched nothing."""
 
 
 class PlanMismatchError(DcplanError, RuntimeError):

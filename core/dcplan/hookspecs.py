@@ -268,3 +268,30 @@ def dcplan_create_global_load_plan(
     :runs on: the coordinator only.
     :results: first non-``None`` result wins.
     """
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def dcplan_register_commands(subparsers: Any) -> None:
+    """Add subcommands to the ``dcplan`` command line.
+
+    :param subparsers: the ``argparse`` sub-parsers action of ``dcplan``. Add a
+        command with ``p = subparsers.add_parser(name, help=..., description=...)``,
+        its arguments with ``p.add_argument(...)`` and its entry point with
+        ``p.set_defaults(func=run)``, where ``run(args) -> int`` returns the exit
+        status; a :class:`dcplan.DcplanError` it raises is printed as one line
+        (exit status 2).
+    :returns: nothing.
+    :runs on: the process that runs ``dcplan``, when the command line is built,
+        never on a rank of a save or load. These implementations are loaded from
+        the ``dcplan.cli`` entry-point group (not ``dcplan``), so that
+        ``dcplan --help`` does not import torch: the module an entry point names
+        must import torch, and anything heavy, only inside ``run``. dcplan's own
+        commands (:mod:`dcplan.cli.commands`) are registered the same way, first.
+    :results: all implementations are called; results are ignored. Two
+        implementations that add the same command name are an error naming both.
+    """

@@ -2,7 +2,8 @@
 
 Plugins come from the ``dcplan`` entry-point group. Discovery is deterministic
 (sorted by distribution name, then entry-point name) and isolated: a plugin that
-fails to import becomes a warning that names its distribution and the error
+fails to import, or whose registration hook raises, becomes a warning that names
+the plugin, its distribution and the error, attributed to the plugin's own file
 (``DCPLAN_STRICT_PLUGINS=1`` turns it into an error) and the others still load.
 
 Selection by environment, each a comma-separated list of distribution names
@@ -10,6 +11,11 @@ Selection by environment, each a comma-separated list of distribution names
 
 * ``DCPLAN_LOAD_PLUGINS``: allow list; only these load (empty string: none).
 * ``DCPLAN_DISABLE_PLUGINS``: deny list; these never load.
+* ``DCPLAN_PLUGINS``: modules imported and registered as plugins without an entry
+  point (one-off, local plugins, like ``pytest -p``): ``DCPLAN_PLUGINS=my_strategy``.
+
+A name in the allow or deny list that matches no installed plugin is warned
+about. Two distributions with the same entry-point name are an error naming both.
 
 dcplan's own defaults live in :mod:`dcplan.builtin` and are registered through
 the same hooks, before any entry point.
@@ -17,10 +23,13 @@ the same hooks, before any entry point.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata as md
+import importlib.util
 import os
 import threading
+import traceback
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,24 +38,37 @@ import attrs
 import pluggy
 
 from dcplan import hookspecs
-from dcplan.errors import PluginError, UnknownStrategyError
+from dcplan.config import parse_bool, parse_name_list
+from dcplan.errors import PluginError, PluginWarning, UnknownStrategyError
 from dcplan.types import LoadStrategy, PluginInfo, Strategy
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CLI_ENTRY_POINT_GROUP",
+    "DEFAULT_STRATEGY",
+    "FALLBACK_STRATEGY",
     "DcplanPluginManager",
+    "FailedPlugin",
+    "SkippedPlugin",
+    "PluginWarning",
     "get_plugin_manager",
     "reset_plugin_manager",
     "hookimpl",
 ]
 
 ENTRY_POINT_GROUP = "dcplan"
+#: Entry points of modules that only add ``dcplan`` subcommands (light to import).
+CLI_ENTRY_POINT_GROUP = "dcplan.cli"
 BUILTIN_PLUGINS: tuple[str, ...] = ("dcplan.builtin",)
+#: Config's default strategy, and what it falls back to when its plugin is not installed.
+DEFAULT_STRATEGY = "size_balanced"
+FALLBACK_STRATEGY = "torch"
+DEFAULT_STRATEGY_DIST = "dcplan-size-balanced"
 
 #: Marker for hook implementations: ``@dcplan.hookimpl``.
 hookimpl = pluggy.HookimplMarker("dcplan")
 
-_TRUE = {"1", "true", "yes", "on"}
+_REGISTRATION_HOOKS = ("dcplan_register_strategies",)
 
 
 def _norm(name: str) -> str:
@@ -56,16 +78,32 @@ def _norm(name: str) -> str:
 def _env_list(env: Mapping[str, str], key: str) -> list[str] | None:
     if key not in env:
         return None
-    return [_norm(p) for p in env[key].split(",") if p.strip()]
+    return [_norm(p) for p in parse_name_list(env[key])]
 
 
 @attrs.frozen
 class FailedPlugin:
-    """A plugin whose entry point could not be loaded."""
+    """A plugin that could not be loaded, or whose registration hook raised."""
 
     entry_point: str
     distribution: str
     error: str
+    hook: str | None = None
+    traceback: str = ""
+
+    def reason(self) -> str:
+        where = f"failed in hook {self.hook}" if self.hook else "failed to load"
+        return f"plugin {self.entry_point!r} (distribution {self.distribution}) {where}: {self.error}"
+
+
+@attrs.frozen
+class SkippedPlugin:
+    """An installed plugin that selection left out (``reason`` says which variable)."""
+
+    entry_point: str
+    distribution: str
+    version: str | None
+    reason: str
 
 
 @attrs.frozen
@@ -82,8 +120,44 @@ class _RegisteredLoad:
     distribution: str
 
 
+@attrs.frozen
+class _Found:
+    ep: md.EntryPoint
+    dist: str
+    version: str | None
+
+
+def _plugin_location(module: str | None, exc: BaseException | None = None) -> tuple[str, int]:
+    """A file and line in the plugin itself, for ``warnings.warn_explicit``."""
+    origin = None
+    if module:
+        try:
+            spec = importlib.util.find_spec(module.split(".")[0])
+            origin = spec.origin if spec is not None else None
+        except (ImportError, ValueError):
+            origin = None
+    root = os.path.dirname(origin) if origin and origin.endswith("__init__.py") else origin
+    if exc is not None and root:
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if frame.filename.startswith(root):
+                return frame.filename, frame.lineno or 1
+    return origin or (module or "<plugin>"), 1
+
+
+def _warn_plugin(message: str, module: str | None, exc: BaseException | None = None) -> None:
+    filename, lineno = _plugin_location(module, exc)
+    warnings.warn_explicit(message, PluginWarning, filename, lineno, module=module or "dcplan.plugin")
+
+
 class DcplanPluginManager:
-    """Wraps a :class:`pluggy.PluginManager` with dcplan's policies."""
+    """Wraps a :class:`pluggy.PluginManager` with dcplan's policies.
+
+    :param env: the environment to read the selection variables from (default ``os.environ``).
+    :param entry_points: load installed plugins (``False``: built-ins and ``extra_plugins`` only).
+    :param extra_plugins: ``(name, plugin)`` pairs registered after the entry points (tests).
+    :param group: the entry-point group (``dcplan``; the CLI uses ``dcplan.cli``).
+    :param builtins: modules registered first, as dcplan's own plugins.
+    """
 
     def __init__(
         self,
@@ -91,25 +165,34 @@ class DcplanPluginManager:
         *,
         entry_points: bool = True,
         extra_plugins: Iterable[tuple[str, Any]] = (),
+        group: str = ENTRY_POINT_GROUP,
+        builtins: Sequence[str] = BUILTIN_PLUGINS,
     ) -> None:
         env = os.environ if env is None else env
+        self.group = group
         self.pm = pluggy.PluginManager("dcplan")
         self.pm.add_hookspecs(hookspecs)
         self.failed: list[FailedPlugin] = []
+        #: distribution names of installed plugins that selection left out (see :attr:`skipped_plugins`)
         self.skipped: list[str] = []
+        self.skipped_plugins: list[SkippedPlugin] = []
         self._dist: dict[str, tuple[str | None, str | None]] = {}
         self._builtin: set[str] = set()
-        self.strict = env.get("DCPLAN_STRICT_PLUGINS", "").strip().lower() in _TRUE
+        self._origin: dict[str, str] = {}
+        self.strict = parse_bool(env.get("DCPLAN_STRICT_PLUGINS", ""), "DCPLAN_STRICT_PLUGINS")
         self.allow = _env_list(env, "DCPLAN_LOAD_PLUGINS")
         self.deny = _env_list(env, "DCPLAN_DISABLE_PLUGINS") or []
+        self.local = parse_name_list(env.get("DCPLAN_PLUGINS", "")) if group == ENTRY_POINT_GROUP else []
 
-        for modname in BUILTIN_PLUGINS:
+        for modname in builtins:
             module = importlib.import_module(modname)
             self.pm.register(module, name=modname)
             self._dist[modname] = ("dcplan", _version("dcplan"))
             self._builtin.add(modname)
+            self._origin[modname] = "built-in"
         if entry_points:
             self._load_entry_points()
+        self._load_local_modules()
         for name, plugin in extra_plugins:
             self.register(plugin, name=name)
         self.pm.check_pending()
@@ -117,59 +200,110 @@ class DcplanPluginManager:
         self._load_strategies: dict[str, _RegisteredLoad] | None = None
 
     # -- discovery -----------------------------------------------------
-    def _selected(self, ep_name: str, dist_name: str) -> bool:
+    def _skip_reason(self, ep_name: str, dist_name: str) -> str | None:
         names = {_norm(ep_name), _norm(dist_name)}
         if names & set(self.deny):
-            return False
+            return "disabled by DCPLAN_DISABLE_PLUGINS"
         if self.allow is not None and not names & set(self.allow):
-            return False
-        return True
+            return "not in DCPLAN_LOAD_PLUGINS"
+        return None
 
-    def _load_entry_points(self) -> None:
-        found: list[tuple[str, str, md.EntryPoint, str, str | None]] = []
+    def _discover(self) -> list[_Found]:
+        """Every entry point of the group, sorted; a name two distributions claim is an error."""
+        found: list[tuple[str, str, _Found]] = []
         for dist in md.distributions():
             try:  # a half-installed distribution must not break discovery of the others
                 dist_name = str(dist.metadata["Name"] or "?")
-                eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+                eps = [ep for ep in dist.entry_points if ep.group == self.group]
                 version = dist.version
             except Exception:  # noqa: BLE001
                 continue
             for ep in eps:
-                found.append((_norm(dist_name), ep.name, ep, dist_name, version))
-        seen: set[str] = set()
-        for _, _, ep, dist_name, ep_version in sorted(found, key=lambda t: (t[0], t[1])):
-            if ep.name in seen:  # the same distribution on sys.path twice
-                continue
-            seen.add(ep.name)
-            if not self._selected(ep.name, dist_name):
-                self.skipped.append(dist_name)
+                found.append((_norm(dist_name), ep.name, _Found(ep, dist_name, version)))
+        out: list[_Found] = []
+        owner: dict[str, str] = {}
+        for _, _, f in sorted(found, key=lambda t: (t[0], t[1])):
+            other = owner.get(f.ep.name)
+            if other is not None and _norm(other) == _norm(f.dist):
+                continue  # the same distribution on sys.path twice
+            if other is not None and self._skip_reason(f.ep.name, f.dist) is None:
+                first = next(o for o in out if o.ep.name == f.ep.name)
+                if self._skip_reason(first.ep.name, first.dist) is None:
+                    raise PluginError(
+                        f"two distributions provide the dcplan plugin {f.ep.name!r}: {other} and {f.dist}; "
+                        f"uninstall one, or disable one by its distribution name "
+                        f"(DCPLAN_DISABLE_PLUGINS={f.dist})"
+                    )
+            owner.setdefault(f.ep.name, f.dist)
+            out.append(f)
+        return out
+
+    def _load_entry_points(self) -> None:
+        found = self._discover()
+        self._warn_unmatched(found)
+        for f in found:
+            reason = self._skip_reason(f.ep.name, f.dist)
+            if reason is not None:
+                self.skipped.append(f.dist)
+                self.skipped_plugins.append(SkippedPlugin(f.ep.name, f.dist, f.version, reason))
                 continue
             try:
-                plugin = ep.load()
-                self.pm.register(plugin, name=ep.name)
+                plugin = f.ep.load()
+                self.pm.register(plugin, name=f.ep.name)
             except Exception as exc:  # noqa: BLE001 - isolation is the point
-                message = f"{type(exc).__name__}: {exc}"
-                fail = FailedPlugin(ep.name, dist_name, message)
-                self.failed.append(fail)
-                if self.strict:
-                    raise PluginError(
-                        f"dcplan plugin {ep.name!r} from distribution {dist_name!r} failed to "
-                        f"load: {message} (DCPLAN_STRICT_PLUGINS is set; unset it to skip "
-                        "broken plugins with a warning)"
-                    ) from exc
-                warnings.warn(
-                    f"dcplan plugin {ep.name!r} from distribution {dist_name!r} failed to load "
-                    f"and is skipped: {message}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                self._fail(FailedPlugin(f.ep.name, f.dist, f"{type(exc).__name__}: {exc}",
+                                        traceback="".join(traceback.format_exception(exc))),
+                           f.ep.module, exc)
                 continue
-            self._dist[ep.name] = (dist_name, ep_version)
+            self._dist[f.ep.name] = (f.dist, f.version)
+            self._origin[f.ep.name] = f"entry point {f.ep.name} = {f.ep.value}"
+
+    def _load_local_modules(self) -> None:
+        """``DCPLAN_PLUGINS=mod1,mod2``: import these modules and register them as plugins."""
+        for modname in self.local:
+            try:
+                module = importlib.import_module(modname)
+                self.pm.register(module, name=modname)
+            except Exception as exc:  # noqa: BLE001 - isolation, as for entry points
+                self._fail(FailedPlugin(modname, "(DCPLAN_PLUGINS)", f"{type(exc).__name__}: {exc}",
+                                        traceback="".join(traceback.format_exception(exc))),
+                           modname, exc)
+                continue
+            self._dist[modname] = (f"{modname} (DCPLAN_PLUGINS)", None)
+            self._origin[modname] = "DCPLAN_PLUGINS"
+
+    def _warn_unmatched(self, found: Sequence[_Found]) -> None:
+        if self.group != ENTRY_POINT_GROUP:  # the CLI's manager: the main one warns, once
+            return
+        shown = {_norm(f.ep.name): f.ep.name for f in found} | {_norm(f.dist): f.dist for f in found}
+        known = set(shown) | _cli_plugin_names()
+        for var, names in (("DCPLAN_LOAD_PLUGINS", self.allow or []), ("DCPLAN_DISABLE_PLUGINS", self.deny)):
+            for name in names:
+                if name in known:
+                    continue
+                close = difflib.get_close_matches(name, sorted(shown), n=1)
+                hint = f"; did you mean {shown[close[0]]!r}?" if close else ""
+                warnings.warn(
+                    f"{var} names {name!r}, which matches no installed dcplan plugin{hint} "
+                    f"(installed: {', '.join(sorted({f.dist for f in found})) or 'none'})",
+                    PluginWarning,
+                    stacklevel=4,
+                )
+
+    def _fail(self, fail: FailedPlugin, module: str | None, exc: BaseException) -> None:
+        self.failed.append(fail)
+        if self.strict:
+            raise PluginError(
+                f"dcplan {fail.reason()} (DCPLAN_STRICT_PLUGINS is set; unset it to skip broken plugins "
+                "with a warning)"
+            ) from exc
+        _warn_plugin(f"dcplan {fail.reason()}; it is skipped", module, exc)
 
     def register(self, plugin: Any, name: str, distribution: str | None = None) -> None:
         """Register an in-process plugin (tests, notebooks)."""
         self.pm.register(plugin, name=name)
         self._dist[name] = (distribution or name, None)
+        self._origin[name] = "registered in-process"
         self._strategies = None
         self._load_strategies = None
 
@@ -180,21 +314,31 @@ class DcplanPluginManager:
             self._strategies = self._collect_strategies()
         return self._strategies
 
+    def _call_registration(self, impl: Any, hook: str) -> Any:
+        pname = impl.plugin_name
+        dist = self._dist.get(pname, (pname, None))[0] or pname
+        try:
+            return impl.function()
+        except Exception as exc:  # noqa: BLE001 - name the plugin, keep the others
+            fail = FailedPlugin(pname, dist, f"{type(exc).__name__}: {exc}", hook=hook,
+                                traceback="".join(traceback.format_exception(exc)))
+            self._fail(fail, getattr(impl.plugin, "__name__", None), exc)
+            return None
+
     def _collect_strategies(self) -> dict[str, _Registered]:
         out: dict[str, _Registered] = {}
         impls = self.pm.hook.dcplan_register_strategies.get_hookimpls()
-        # get_hookimpls is in call order reversed (registration order); keep
-        # registration order so listings are stable.
+        # get_hookimpls is in registration order; keep it so listings are stable.
         for impl in impls:
             pname = impl.plugin_name
             dist = self._dist.get(pname, (pname, None))[0] or pname
-            result: Any = impl.function()
+            result: Any = self._call_registration(impl, "dcplan_register_strategies")
             if result is None:
                 continue
             for strategy in result:
                 if not isinstance(strategy, Strategy):
                     raise PluginError(
-                        f"plugin {pname!r} ({dist}) returned {strategy!r} from "
+                        f"plugin {pname!r} (distribution {dist}) returned {strategy!r} from "
                         "dcplan_register_strategies; return dcplan.Strategy records"
                     )
                 if strategy.name in out:
@@ -212,10 +356,42 @@ class DcplanPluginManager:
         return list(self.strategies)
 
     def get_strategy(self, name: str) -> Strategy:
+        """The strategy registered as ``name``; an :class:`UnknownStrategyError` that says why not."""
         try:
             return self.strategies[name].strategy
         except KeyError:
-            raise UnknownStrategyError(name, self.strategy_names(), self.failure_summary()) from None
+            raise UnknownStrategyError(
+                name, self.strategy_names(), self.failure_summary(), hint=self._missing_hint(name)
+            ) from None
+
+    def resolve_strategy(self, name: str, *, explicit: bool = True) -> Strategy:
+        """:meth:`get_strategy`, except that the default strategy, when not chosen explicitly and its
+        plugin is not installed, falls back to the built-in ``torch`` strategy with a one-line notice."""
+        if not explicit and name == DEFAULT_STRATEGY and name not in self.strategies:
+            if not any(_norm(s.distribution) == _norm(DEFAULT_STRATEGY_DIST) for s in self.skipped_plugins):
+                warnings.warn(
+                    f"dcplan: the default strategy {DEFAULT_STRATEGY!r} is not installed; using the built-in "
+                    f"{FALLBACK_STRATEGY!r} strategy (install the {DEFAULT_STRATEGY_DIST} distribution, from a "
+                    f"clone: pip install ./plugins/size_balanced)",
+                    PluginWarning,
+                    stacklevel=3,
+                )
+                return self.get_strategy(FALLBACK_STRATEGY)
+        return self.get_strategy(name)
+
+    def _missing_hint(self, name: str) -> str:
+        """Why ``name`` is not registered: disabled, failed, a typo, or not installed."""
+        want = _norm(name)
+        for s in self.skipped_plugins:
+            if want in {_norm(s.entry_point), _norm(s.distribution), _norm(s.distribution).removeprefix("dcplan_")}:
+                var = "DCPLAN_DISABLE_PLUGINS" if "DISABLE" in s.reason else "DCPLAN_LOAD_PLUGINS"
+                return (f"the plugin {s.entry_point!r} (distribution {s.distribution}) that provides it is installed "
+                        f"but {s.reason}; change {var} to use it")
+        close = difflib.get_close_matches(name, self.strategy_names(), n=1)
+        if close:
+            return f"did you mean {close[0]!r}?"
+        return ("install the distribution that provides it (from a clone of dcplan: "
+                "pip install ./plugins/<name>; `dcplan plugins` lists what is installed)")
 
     # -- load strategies (dcplan_register_load_strategies) -----------------
     @property
@@ -229,11 +405,11 @@ class DcplanPluginManager:
         for impl in self.pm.hook.dcplan_register_load_strategies.get_hookimpls():
             pname = impl.plugin_name
             dist = self._dist.get(pname, (pname, None))[0] or pname
-            result: Any = impl.function()
+            result: Any = self._call_registration(impl, "dcplan_register_load_strategies")
             for strategy in result or ():
                 if not isinstance(strategy, LoadStrategy):
                     raise PluginError(
-                        f"plugin {pname!r} ({dist}) returned {strategy!r} from "
+                        f"plugin {pname!r} (distribution {dist}) returned {strategy!r} from "
                         "dcplan_register_load_strategies; return dcplan.LoadStrategy records"
                     )
                 if strategy.name in out:
@@ -251,12 +427,14 @@ class DcplanPluginManager:
         try:
             return self.load_strategies[name].strategy
         except KeyError:
+            close = difflib.get_close_matches(name, list(self.load_strategies), n=1)
             raise UnknownStrategyError(
-                name, list(self.load_strategies), self.failure_summary(), kind="load strategy"
+                name, list(self.load_strategies), self.failure_summary(),
+                hint=f"did you mean {close[0]!r}?" if close else "", kind="load strategy",
             ) from None
 
     def failure_summary(self) -> list[str]:
-        return [f"{f.distribution} ({f.entry_point}): {f.error}" for f in self.failed]
+        return [f.reason() for f in self.failed]
 
     # -- inspection ----------------------------------------------------
     def plugin_infos(self) -> list[PluginInfo]:
@@ -283,6 +461,10 @@ class DcplanPluginManager:
             )
         return sorted(infos, key=lambda i: (not i.builtin, i.distribution or "", i.name))
 
+    def origin(self, name: str) -> str:
+        """How plugin ``name`` was found (built-in, entry point, ``DCPLAN_PLUGINS``, in-process)."""
+        return self._origin.get(name, "?")
+
     def fingerprint(self) -> tuple[tuple[str, str | None], ...]:
         """A sorted tuple of (plugin, version): ranks compare it to agree."""
         return tuple(sorted((n, self._dist.get(n, (None, None))[1]) for n, _ in self.pm.list_name_plugin()))
@@ -290,6 +472,20 @@ class DcplanPluginManager:
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+
+def _cli_plugin_names() -> set[str]:
+    """Entry-point and distribution names of the ``dcplan.cli`` group (selection names may match those)."""
+    names: set[str] = set()
+    for dist in md.distributions():
+        try:
+            eps = [ep.name for ep in dist.entry_points if ep.group == CLI_ENTRY_POINT_GROUP]
+            if eps:
+                names.update(_norm(n) for n in eps)
+                names.add(_norm(str(dist.metadata["Name"] or "?")))
+        except Exception:  # noqa: BLE001 - a half-installed distribution
+            continue
+    return names
 
 
 def _version(dist: str) -> str | None:
@@ -301,7 +497,7 @@ def _version(dist: str) -> str | None:
 
 _lock = threading.Lock()
 _cached: tuple[tuple[Any, ...], DcplanPluginManager] | None = None
-_ENV_KEYS = ("DCPLAN_LOAD_PLUGINS", "DCPLAN_DISABLE_PLUGINS", "DCPLAN_STRICT_PLUGINS")
+_ENV_KEYS = ("DCPLAN_LOAD_PLUGINS", "DCPLAN_DISABLE_PLUGINS", "DCPLAN_STRICT_PLUGINS", "DCPLAN_PLUGINS")
 
 
 def get_plugin_manager() -> DcplanPluginManager:
@@ -319,10 +515,6 @@ def reset_plugin_manager() -> None:
     global _cached
     with _lock:
         _cached = None
-
-
-def strategies_table(pm: DcplanPluginManager) -> Sequence[tuple[str, str, str]]:
-    return [(n, r.distribution, r.strategy.description) for n, r in pm.strategies.items()]
 
 
 class HookedPlannerMixin:

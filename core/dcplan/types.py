@@ -6,6 +6,7 @@ importing torch, and so that the core can validate them when they arrive.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,9 +49,11 @@ def _resolve_options(
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         valid = ", ".join(sorted(defaults)) or "(none)"
+        close = [m for u in unknown for m in difflib.get_close_matches(u, sorted(defaults), n=1)]
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(
             f"strategy {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
-            f"valid options: {valid}"
+            f"valid options: {valid}{hint}"
         )
     out = dict(defaults)
     out.update(given)

@@ -32,7 +32,25 @@ def _nested(metadata: Any, fqn: str) -> str:
     return format_path(path) if isinstance(path, (tuple, list)) and path else fqn
 
 
-def describe_checkpoint(path: str, metadata: Any) -> dict[str, Any]:
+def _json_safe(value: Any) -> Any:
+    """Tuples and lists as lists, dict keys as strings, anything else JSON lacks as its repr."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return repr(value)
+
+
+def _planner_data(pd: Any) -> Any:
+    """``planner_data`` as data: ``{key: nested path}`` (torch's flattening mapping), or ``None`` when absent."""
+    if pd is None:
+        return None
+    return _json_safe(pd)
+
+
+def describe_checkpoint(path: str, metadata: Any, progress: Any = None) -> dict[str, Any]:
     """A JSON-able description of a checkpoint's metadata (what ``dcplan inspect --json`` prints)."""
     import torch
 
@@ -53,7 +71,8 @@ def describe_checkpoint(path: str, metadata: Any) -> dict[str, Any]:
             f["keys"].add(fqn)
     keys = []
     total_bytes = total_stored = n_tensors = n_objects = 0
-    for fqn in sorted(metadata.state_dict_metadata):
+    fqns = sorted(metadata.state_dict_metadata)
+    for fqn in progress(fqns, "keys", total=len(fqns), unit="key") if progress else fqns:
         entry = metadata.state_dict_metadata[fqn]
         row: dict[str, Any] = {"key": fqn, "nested": _nested(metadata, fqn)}
         if isinstance(entry, compat.TensorStorageMetadata):
@@ -87,7 +106,7 @@ def describe_checkpoint(path: str, metadata: Any) -> dict[str, Any]:
         "path": str(path),
         "version": compat.metadata_version(metadata),
         "storage_meta": storage_meta,
-        "planner_data": "absent" if pd is None else f"{len(pd)} entries" if isinstance(pd, Mapping) else type(pd).__name__,
+        "planner_data": _planner_data(pd),
         "keys": keys,
         "totals": {
             "keys": len(keys),
@@ -120,7 +139,9 @@ def _print_text(d: dict[str, Any]) -> None:
         print("storage_meta: " + ", ".join(f"{k}={v}" for k, v in sm.items()))
     else:
         print("storage_meta: (not recorded)")
-    print(f"planner_data: {d['planner_data']}")
+    pd = d["planner_data"]
+    shown = "absent" if pd is None else f"{len(pd)} entries" if isinstance(pd, dict) else type(pd).__name__
+    print(f"planner_data: {shown} (--json lists them)" if isinstance(pd, dict) else f"planner_data: {shown}")
     rows = d["keys"]
     width = max([len(r["key"]) for r in rows] + [3])
     print(f"{'key':<{width}}  {'kind':<6}  {'shape':<18}  {'dtype':<10}  {'bytes':>10}  chunks")
@@ -139,8 +160,10 @@ def _print_text(d: dict[str, Any]) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dcplan.cli.progress import progress
+
     metadata = read_checkpoint_metadata(args.checkpoint, trust=args.trust)
-    d = describe_checkpoint(args.checkpoint, metadata)
+    d = describe_checkpoint(args.checkpoint, metadata, progress=progress)
     if args.json:
         print(json.dumps(d, indent=2, default=str))
     else:
@@ -150,7 +173,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``dcplan inspect`` to the CLI."""
-    p = subparsers.add_parser("inspect", help="list a DCP checkpoint's keys, sizes, files and versions (read safely)")
+    from dcplan.cli.text import plain
+
+    p = subparsers.add_parser("inspect", help="list a DCP checkpoint's keys, sizes, files and versions (read safely)",
+                              description=plain(__doc__))
     p.add_argument("checkpoint", help="the checkpoint directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--trust", action="store_true",

@@ -3,7 +3,8 @@
 Builds the local plans a layout produces (:mod:`dcplan.workloads`), runs
 torch's ``dedup_save_plans`` (both modes) and every registered dcplan strategy
 on them, and prints one row per strategy (busiest rank vs the lower bound) and
-the per-rank bytes of the chosen strategy::
+the per-rank bytes of the chosen strategy (``--strategy``; default: the config's,
+or the first ``--only`` strategy). A progress bar shows on a terminal::
 
     dcplan plan --layout ddp --model 70b --ranks 64
     dcplan plan --layout tp8pp8dp64 --model 70b --plot bytes.png
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,9 +65,12 @@ def run_plan(
     *,
     adam: bool = True,
     strategies: Sequence[str] | None = None,
+    progress: Any = None,
 ) -> tuple[Any, dict[str, Any], dict[str, float], dict[str, str]]:
     """Build the workload and report every strategy on it.
 
+    :param progress: ``progress(iterable, desc, total=...)`` wrapping the strategy runs
+        (:func:`dcplan.cli.progress.progress`), or ``None``.
     :returns: ``(workload, reports by row name, seconds by row name, errors by row name)``.
     """
     from dcplan import workloads
@@ -79,7 +82,8 @@ def run_plan(
     reports: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     errors: dict[str, str] = {}
-    for name, fn in strategy_runs(strategies):
+    runs = strategy_runs(strategies)
+    for name, fn in progress(runs, "strategies", total=len(runs), unit="strategy") if progress else runs:
         t0 = time.perf_counter()
         try:
             out = fn(wl.plans)
@@ -122,36 +126,77 @@ def plot_reports(reports: dict[str, Any], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, in words, or ``None``."""
     from dcplan import workloads
-    from dcplan.config import resolve_config
-    from dcplan.fmt import fmt_bytes
-    from dcplan.save.report import compare_table
 
     try:
         kind, _ = workloads.parse(args.layout)
     except ValueError as exc:
-        print(f"dcplan plan: error: {exc}", file=sys.stderr)
-        return 2
+        return str(exc)
     if kind != "tp_pp_dp" and args.ranks is None:
-        print(f"dcplan plan: error: layout {args.layout!r} needs --ranks N (e.g. --ranks 64)", file=sys.stderr)
-        return 2
+        return f"layout {args.layout!r} needs --ranks N (e.g. --ranks 64)"
     if args.model.lower() not in workloads.MODELS:
-        print(f"dcplan plan: error: unknown --model {args.model!r}; choose one of: {', '.join(workloads.MODELS)}",
-              file=sys.stderr)
-        return 2
-    shown = args.strategy or resolve_config()[0].strategy
+        return f"unknown --model {args.model!r}; choose one of: {', '.join(workloads.MODELS)}"
+    if args.per_rank and not args.json:
+        return "--per-rank adds per-rank lists to the JSON output; use it with --json"
+    return None
+
+
+def _shown_strategy(args: argparse.Namespace) -> str:
+    """--strategy; else the config's strategy if it runs; else the first --only."""
+    from dcplan.config import resolve_config
+    from dcplan.manager import get_plugin_manager
+
+    if args.strategy:
+        return str(args.strategy)
+    cfg, where = resolve_config()
+    configured = get_plugin_manager().resolve_strategy(cfg.strategy, explicit=where["strategy"] != "default").name
+    if args.only and configured not in args.only:
+        return str(args.only[0])
+    return configured
+
+
+def _print_text(args: argparse.Namespace, wl: Any, reports: dict[str, Any], errors: dict[str, str],
+                shown: str) -> None:
+    from dcplan.fmt import fmt_bytes
+    from dcplan.save.report import compare_table
+
+    any_rep = next(iter(reports.values()))
+    print(
+        f"workload: {wl.name}: {wl.world_size} ranks, {wl.entries:,} plan entries, "
+        f"{fmt_bytes(any_rep.total_bytes)} to write; lower bound {fmt_bytes(any_rep.lower_bound)} "
+        f"({any_rep.bound_reason})"
+    )
+    print()
+    print(compare_table(reports))
+    for name, err in errors.items():
+        print(f"{name:<28} error: {err}")
+    print()
+    print(f"bytes per rank with {shown}:")
+    print(reports[shown].table(max_rows=args.max_rows))
+    if args.plot:
+        print(f"\nplot written to {args.plot}")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dcplan.cli.progress import progress
+    from dcplan.cli.text import usage_error
+
+    problem = _check_args(args)
+    if problem is not None:
+        return usage_error(args, problem)
+    shown = _shown_strategy(args)
+    only = args.only if args.only is None or shown in args.only else [*args.only, shown]
     try:
         wl, reports, seconds, errors = run_plan(
-            args.layout, args.model.lower(), args.ranks, adam=not args.no_adam, strategies=args.only
+            args.layout, args.model.lower(), args.ranks, adam=not args.no_adam, strategies=only, progress=progress
         )
     except ValueError as exc:
-        print(f"dcplan plan: error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(args, str(exc))
     if shown not in reports:
-        print(f"dcplan plan: error: strategy {shown!r} was not run; choose one of: {', '.join(reports)}",
-              file=sys.stderr)
-        return 2
+        why = f": {errors[shown]}" if shown in errors else ""
+        return usage_error(args, f"strategy {shown!r} was not run{why}; choose one of: {', '.join(reports)}")
     if args.plot:
         keep = {k: v for k, v in reports.items() if k in ("torch dedup_save_plans", shown, "split")}
         plot_reports(keep, args.plot, wl.name)
@@ -169,30 +214,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 v.pop("items_per_rank")
         print(json.dumps(out, indent=2))
         return 0
-    any_rep = next(iter(reports.values()))
-    print(
-        f"workload: {wl.name}: {wl.world_size} ranks, {wl.entries:,} plan entries, "
-        f"{fmt_bytes(any_rep.total_bytes)} to write; lower bound {fmt_bytes(any_rep.lower_bound)} "
-        f"({any_rep.bound_reason})"
-    )
-    print()
-    print(compare_table(reports))
-    for name, err in errors.items():
-        print(f"{name:<28} error: {err}")
-    print()
-    print(f"bytes per rank with {shown}:")
-    print(reports[shown].table(max_rows=args.max_rows))
-    if args.plot:
-        print(f"\nplot written to {args.plot}")
+    _print_text(args, wl, reports, errors, shown)
     return 0
 
 
 def register(subparsers: Any) -> None:
-    """Add ``dcplan plan`` to the CLI (auto-discovered by :mod:`dcplan.cli.main`)."""
+    """Add ``dcplan plan`` to the CLI (from :mod:`dcplan.cli.commands`)."""
+    from dcplan.cli.text import plain
+
     p = subparsers.add_parser(
         "plan",
         help="plan report of synthetic workloads (DDP, FSDP, HSDP, TPxPPxDP) for every strategy, no processes",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--layout", default="ddp", help="ddp, fsdp, hsdp[N] (shard group N, default 8) or tp<T>pp<P>dp<D>")

@@ -72,7 +72,9 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         )
         self.config, self.config_sources = resolve_config(config, overrides)
         self._pm = plugin_manager
-        self.strategy = self.plugin_manager.get_strategy(self.config.strategy)
+        # the default strategy falls back to the built-in `torch` when dcplan-size-balanced is absent
+        explicit = self.config_sources.get("strategy", "default") != "default"
+        self.strategy = self.plugin_manager.resolve_strategy(self.config.strategy, explicit=explicit)
         self.strategy_options = self.strategy.resolve_options(self.config.strategy_options)
         self.report: Any = None
         self.timings: dict[str, float] = {}
