@@ -1,12 +1,18 @@
 """dcplan: pluggable save and load planning for torch.distributed.checkpoint.
 
-Use it as torch's planners::
+One call each (dcplan's planners, atomic checksummed writer, safe reader)::
 
-    import torch.distributed.checkpoint as dcp
     import dcplan
 
-    dcp.save(state_dict, checkpoint_id=path, planner=dcplan.SavePlanner())
-    dcp.load(state_dict, checkpoint_id=path, planner=dcplan.LoadPlanner())
+    dcplan.save(state_dict, path)
+    dcplan.load(state_dict, path)
+
+or as torch's planners and storage::
+
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state_dict, storage_writer=dcplan.FileSystemWriter(path), planner=dcplan.SavePlanner())
+    dcp.load(state_dict, storage_reader=dcplan.FileSystemReader(path), planner=dcplan.LoadPlanner())
 """
 
 from __future__ import annotations
@@ -26,19 +32,31 @@ from dcplan.errors import (
 )
 from dcplan.load.planner import LoadPlanner
 from dcplan.load.report import LoadReport
-from dcplan.load.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
+from dcplan.load.safe import (
+    CheckpointPathError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    MetadataVersionError,
+    UnsafeCheckpointError,
+)
 from dcplan.manager import get_plugin_manager, hookimpl
 from dcplan.save.planner import SavePlanner
+from dcplan.storage.reader import FileSystemReader
+from dcplan.storage.writer import FileSystemWriter
+from dcplan.api import async_save, load, save
 from dcplan.types import PluginInfo, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.checkpoint.planner import SavePlan
 
 __all__ = [
+    "CheckpointPathError",
     "CheckpointReadError",
     "Config",
+    "CorruptCheckpointError",
     "ConfigError",
     "FileSystemReader",
+    "FileSystemWriter",
     "LoadReport",
     "MetadataVersionError",
     "UnsafeCheckpointError",
@@ -52,10 +70,13 @@ __all__ = [
     "SavePlanner",
     "Strategy",
     "UnknownStrategyError",
+    "async_save",
     "dedup",
     "get_plugin_manager",
     "hookimpl",
+    "load",
     "resolve_config",
+    "save",
 ]
 
 try:

@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+
+    # storage (issue 14): dcplan verify, registered like plan/inspect above
+    from dcplan.cli import verify as _verify_cmd
+
+    _verify_cmd.register(sub)
     return parser
 
 
