@@ -85,6 +85,7 @@ def describe_checkpoint(path: str, metadata: Any) -> dict[str, Any]:
     pd = getattr(metadata, "planner_data", None)
     return {
         "path": str(path),
+        "metadata_only": True,  # the data files are not opened: dcplan verify checks them
         "version": compat.metadata_version(metadata),
         "storage_meta": storage_meta,
         "planner_data": "absent" if pd is None else f"{len(pd)} entries" if isinstance(pd, Mapping) else type(pd).__name__,
@@ -136,6 +137,8 @@ def _print_text(d: dict[str, Any]) -> None:
         keys = f["keys"]
         shown = ", ".join(keys[:6]) + (f" ... (+{len(keys) - 6})" if len(keys) > 6 else "")
         print(f"  {f['file']}: {f['items']} item(s), {_fmt(f['bytes'])}: {shown}")
+    print(f"note: read metadata only (the data files were not opened); `dcplan verify {d['path']}` "
+          "checks that they are all there and match their checksums")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ __all__ = [
     "HashingStream",
     "Checksums",
     "digest_bytes",
+    "has_checksums",
     "new_save_id",
     "read_sidecar",
     "sidecar_name",
@@ -41,9 +42,26 @@ _FORMAT = "dcplan-checksums"
 _SIDECAR_RE = re.compile(r"^\.dcplan-[0-9a-f]{32}\.checksums\.json$")
 
 
-def new_save_id() -> str:
-    """A fresh save id: ``dcplan-`` and 32 hex digits (also names the save's files)."""
-    return SAVE_ID_PREFIX + os.urandom(16).hex()
+_SAVE_ID_RE = re.compile(r"^dcplan-[0-9a-f]{32}$")
+
+
+def new_save_id(checksums: bool = True) -> str:
+    """A fresh save id: ``dcplan-`` and 32 hex digits, ``dcplan-unchecked-...`` for a save without checksums.
+
+    Its last 32 hex digits name the save's data files; a loader expects a checksum file
+    exactly when :func:`has_checksums` says so.
+    """
+    return (SAVE_ID_PREFIX if checksums else SAVE_ID_PREFIX + "unchecked-") + os.urandom(16).hex()
+
+
+def has_checksums(save_id: object) -> bool:
+    """Whether a checkpoint whose ``storage_meta.save_id`` is ``save_id`` was saved with checksums."""
+    return isinstance(save_id, str) and bool(_SAVE_ID_RE.match(save_id))
+
+
+def save_token(save_id: str) -> str:
+    """The part of a save id that goes into its data file names (16 hex digits)."""
+    return save_id[-32:][:16]
 
 
 def sidecar_name(save_id: str) -> str:

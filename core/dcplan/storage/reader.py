@@ -33,7 +33,7 @@ from dcplan.load.safe import (
     collect_safe_globals,
     read_metadata_file,
 )
-from dcplan.storage.checksum import ALGORITHM, SAVE_ID_PREFIX, Checksums, digest_bytes, read_sidecar, sidecar_name
+from dcplan.storage.checksum import ALGORITHM, Checksums, digest_bytes, has_checksums, read_sidecar, sidecar_name
 
 __all__ = ["FileSystemReader", "confined_path", "load_checksums"]
 
@@ -70,8 +70,9 @@ def load_checksums(root: str, metadata: Any) -> Checksums | None:
         missing or unreadable.
     """
     save_id = getattr(compat.metadata_storage_meta(metadata), "save_id", None)
-    if not isinstance(save_id, str) or not save_id.startswith(SAVE_ID_PREFIX):
+    if not has_checksums(save_id):
         return None
+    assert isinstance(save_id, str)
     where = os.path.join(root, sidecar_name(save_id))
     try:
         sums = read_sidecar(root, save_id)

@@ -15,7 +15,7 @@ How a save stays atomic (details and crash cases in ``docs/storage.md``):
    temporary files. A crash before this step only leaves such leftovers; the next save
    removes them and ``dcplan verify`` reports them.
 
-**Test hook.** ``DCPLAN_TEST_CRASH_AT=<point>[@<rank>]`` makes the process exit at once
+**Test hook.** ``_DCPLAN_TEST_CRASH_AT=<point>[@<rank>]`` makes the process exit at once
 (``os._exit(86)``) when it reaches ``point`` (``write_data`` after this rank's files are
 written, ``finish.start``, ``finish.before_commit``, ``finish.after_commit``), on every rank
 or on the given rank. It exists for the crash tests; never set it in production.
@@ -36,12 +36,12 @@ from torch.distributed.checkpoint.filesystem import FileSystem, _StoragePrefix
 
 from dcplan import compat
 from dcplan.storage.checksum import (
-    SAVE_ID_PREFIX,
     Checksums,
     HashingStream,
     checksum_file_range,
     is_sidecar_name,
     new_save_id,
+    save_token,
     sidecar_name,
     write_sidecar,
 )
@@ -49,12 +49,12 @@ from dcplan.storage.checksum import (
 __all__ = ["CRASH_ENV", "FileSystemWriter", "SealedStorageInfo"]
 
 #: Environment variable of the crash test hook (see the module docstring).
-CRASH_ENV = "DCPLAN_TEST_CRASH_AT"
+CRASH_ENV = "_DCPLAN_TEST_CRASH_AT"  # not DCPLAN_*: config refuses unknown DCPLAN_ variables
 _METADATA = ".metadata"
 
 
 def _crash_point(point: str, rank: int | None) -> None:
-    """The crash test hook: exit now if ``DCPLAN_TEST_CRASH_AT`` names this point (and rank)."""
+    """The crash test hook: exit now if ``_DCPLAN_TEST_CRASH_AT`` names this point (and rank)."""
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return
@@ -107,20 +107,20 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
     """
 
     def __init__(self, path: str | os.PathLike[str], *args: Any, checksums: bool = True, **kwargs: Any) -> None:
-        super().__init__(path, *args, **kwargs)
         self.checksums = bool(checksums)
+        super().__init__(path, *args, **kwargs)
         self.fs = _ChecksumFileSystem()
-        self.save_id = new_save_id()
+        self.save_id = new_save_id(self.checksums)
         self._dcplan_rank: int | None = None
 
     # -- per-save set-up
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         super().reset(checkpoint_id)
-        self.save_id = new_save_id()
+        self.save_id = new_save_id(self.checksums)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
-        self.save_id = new_save_id()  # fresh per save even when the writer is reused without reset
+        self.save_id = new_save_id(self.checksums)  # fresh per save even when the writer is reused without reset
         rank = kwargs.get("rank")
         if rank is None:
             rank = _dist_rank()
@@ -141,7 +141,7 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
     # -- data
     def write_data(self, plan: Any, planner: Any) -> Any:
         prefix = getattr(plan.storage_data, "prefix", None) or f"__{self._dcplan_rank or 0}_"
-        token = self.save_id.removeprefix(SAVE_ID_PREFIX)[:16]
+        token = save_token(self.save_id)
         plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"{prefix}{token}_"))
         self.fs.segments = {}
         future = super().write_data(plan, planner)
