@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from dcplan.api import async_save, load, save
 from dcplan.config import Config, resolve_config
 from dcplan.errors import (
     ConfigError,
@@ -43,7 +44,6 @@ from dcplan.manager import get_plugin_manager, hookimpl
 from dcplan.save.planner import SavePlanner
 from dcplan.storage.reader import FileSystemReader
 from dcplan.storage.writer import FileSystemWriter
-from dcplan.api import async_save, load, save
 from dcplan.types import PluginInfo, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -28,14 +28,13 @@ from typing import IO, Any
 import torch
 
 from dcplan import compat
-from dcplan.config import Config, resolve_config
+from dcplan.config import Config
 from dcplan.errors import ConfigError, DcplanError
 
 __all__ = [
     "CheckpointPathError",
     "CheckpointReadError",
     "CorruptCheckpointError",
-    "FileSystemReader",
     "MetadataVersionError",
     "UnsafeCheckpointError",
     "check_trusted_globals",

@@ -109,7 +109,8 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
     def __init__(self, path: str | os.PathLike[str], *args: Any, checksums: bool = True, **kwargs: Any) -> None:
         self.checksums = bool(checksums)
         super().__init__(path, *args, **kwargs)
-        self.fs = _ChecksumFileSystem()
+        self._hashing_fs = _ChecksumFileSystem()
+        self.fs = self._hashing_fs
         self.save_id = new_save_id(self.checksums)
         self._dcplan_rank: int | None = None
 
@@ -125,7 +126,7 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
         if rank is None:
             rank = _dist_rank()
         self._dcplan_rank = rank
-        self.fs.crash_rank = rank
+        self._hashing_fs.crash_rank = rank
 
     def prepare_local_plan(self, plan: Any) -> Any:
         with warnings.catch_warnings():  # replacing a checkpoint is what this writer does safely
@@ -143,7 +144,7 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
         prefix = getattr(plan.storage_data, "prefix", None) or f"__{self._dcplan_rank or 0}_"
         token = save_token(self.save_id)
         plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"{prefix}{token}_"))
-        self.fs.segments = {}
+        self._hashing_fs.segments = {}
         future = super().write_data(plan, planner)
         if not self.checksums:
             return future
@@ -156,18 +157,18 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
         for wr in results:
             info = wr.storage_data
             key = (info.offset, info.offset + info.length)
-            if key not in self.fs.segments.get(info.relative_path, {}):
+            if key not in self._hashing_fs.segments.get(info.relative_path, {}):
                 missing.setdefault(info.relative_path, []).append((info.offset, info.length))
         for rel, ranges in missing.items():
             got = checksum_file_range(os.path.join(root, rel), ranges)
-            seg = self.fs.segments.setdefault(rel, {})
+            seg = self._hashing_fs.segments.setdefault(rel, {})
             for (off, length), digest in got.items():
                 seg[(off, off + length)] = digest
         sizes = {rel: os.path.getsize(os.path.join(root, rel)) for rel in {wr.storage_data.relative_path for wr in results}}
         out = []
         for wr in results:
             info = wr.storage_data
-            digest = self.fs.segments[info.relative_path][(info.offset, info.offset + info.length)]
+            digest = self._hashing_fs.segments[info.relative_path][(info.offset, info.offset + info.length)]
             out.append(dataclasses.replace(wr, storage_data=SealedStorageInfo(info, digest, sizes[info.relative_path])))
         return out
 
