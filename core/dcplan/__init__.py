@@ -20,7 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from dcplan.api import async_save, load, save
+# ``dcplan.save`` / ``dcplan.load`` are the packages dcplan.save / dcplan.load, made callable:
+# dcplan.save(state_dict, path) is dcplan.api.save, dcplan.load(state_dict, path) is dcplan.api.load
+import dcplan.load as load  # noqa: E402,I001
+import dcplan.save as save  # noqa: E402,I001
+from dcplan.api import async_save
 from dcplan.config import Config, resolve_config
 from dcplan.errors import (
     ConfigError,

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import xxhash
 from torch.distributed.checkpoint import FileSystemReader as _TorchFileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
@@ -196,10 +197,11 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
         with fh:
             size = os.fstat(fh.fileno()).st_size
             for req in reqs:
-                data = self._read_item(fh, path, size, req)
-                self._use_item(path, req, data, planner)
+                stream = self._read_item(fh, path, size, req)
+                self._use_item(path, req, stream, planner)
 
-    def _read_item(self, fh: Any, path: str, size: int, req: Any) -> bytes:
+    def _read_item(self, fh: Any, path: str, size: int, req: Any) -> Any:
+        """Bounds-check and checksum one item; a stream over its bytes for :meth:`_use_item`."""
         info = self.storage_data[req.storage_index]
         offset, length = int(info.offset), int(info.length)
         if offset + length > size:
@@ -208,13 +210,17 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
                 f"data file {path} is {what}, but item {_item_name(req)} needs bytes {offset}..{offset + length}; "
                 "the checkpoint was not fully written or was damaged: restore the file or re-save"
             )
-        fh.seek(offset)
-        data = fh.read(length)
-        if self.checksums is not None:
-            self._check(path, info.relative_path, offset, length, data, req)
-        return data
+        if req.type == LoadItemType.BYTE_IO:  # small: read once, check, hand over
+            fh.seek(offset)
+            data = fh.read(length)
+            if self.checksums is not None:
+                self._check(path, info.relative_path, offset, length, digest_bytes(data), req)
+            return io.BytesIO(data)
+        if self.checksums is not None:  # tensors: hash through a reused buffer, then load from the file
+            self._check(path, info.relative_path, offset, length, hash_file_range(fh, offset, length), req)
+        return FileSlice(fh, offset, length)
 
-    def _check(self, path: str, rel: str, offset: int, length: int, data: bytes, req: Any) -> None:
+    def _check(self, path: str, rel: str, offset: int, length: int, got: str, req: Any) -> None:
         assert self.checksums is not None
         recorded = self.checksums.lookup(rel, offset)
         if recorded is None or recorded[0] != length:
@@ -223,7 +229,6 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
                 f"{sidecar_name(self.checksums.save_id)}; .metadata and the checksum file disagree: restore both "
                 "from a good copy or re-save (verify_checksums=False loads unchecked)"
             )
-        got = digest_bytes(data)
         if got != recorded[1]:
             raise CorruptCheckpointError(
                 f"checksum mismatch in data file {path} at offset {offset} ({length} bytes, item {_item_name(req)}): "
@@ -231,9 +236,8 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
                 "(verify_checksums=False loads it unchecked)"
             )
 
-    def _use_item(self, path: str, req: Any, data: bytes, planner: Any) -> None:
+    def _use_item(self, path: str, req: Any, stream: Any, planner: Any) -> None:
         info = self.storage_data[req.storage_index]
-        stream: Any = io.BytesIO(data)
         descriptors = getattr(info, "transform_descriptors", None)
         if descriptors:  # torch >= 2.7 stream transforms (experimental extensions)
             stream = io.BytesIO(self.transforms.transform_load_stream(req, descriptors, stream).read())
@@ -256,6 +260,72 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
             )
         target.copy_(tensor)
         planner.commit_tensor(req, target)
+
+
+class FileSlice(io.RawIOBase):
+    """A read-only, seekable view of ``length`` bytes at ``offset`` of an open binary file.
+
+    ``torch.load`` reads a tensor's storage straight from it (no intermediate copy).
+    """
+
+    def __init__(self, fh: Any, offset: int, length: int) -> None:
+        super().__init__()
+        self._fh = fh
+        self._start = offset
+        self._len = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._len - self._pos))
+        if n == 0:
+            return 0
+        self._fh.seek(self._start + self._pos)
+        got = self._fh.readinto(view[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._len - self._pos
+        size = max(0, min(size, self._len - self._pos))
+        self._fh.seek(self._start + self._pos)
+        data = self._fh.read(size)
+        self._pos += len(data)
+        return bytes(data)
+
+
+_HASH_BLOCK = 8 << 20
+
+
+def hash_file_range(fh: Any, offset: int, length: int) -> str:
+    """The checksum of ``length`` bytes at ``offset``, read through one reused buffer."""
+    h = xxhash.xxh3_64()
+    buf = bytearray(min(length, _HASH_BLOCK))
+    view = memoryview(buf)
+    fh.seek(offset)
+    left = length
+    while left > 0:
+        n = fh.readinto(view[: min(left, len(buf))])
+        if not n:
+            break
+        h.update(view[:n])
+        left -= n
+    return str(h.hexdigest())
 
 
 def _config_keys() -> set[str]:
