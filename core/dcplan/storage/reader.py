@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-import xxhash
 from torch.distributed.checkpoint import FileSystemReader as _TorchFileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
@@ -196,11 +196,21 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
             raise CorruptCheckpointError(f"cannot open data file {path}: {exc.strerror or exc}") from None
         with fh:
             size = os.fstat(fh.fileno()).st_size
-            for req in reqs:
-                stream = self._read_item(fh, path, size, req)
-                self._use_item(path, req, stream, planner)
+            # with checksums, map the file: each item is hashed in place and torch.load copies
+            # it once into the tensor, so checking costs one pass over memory, not another read
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size and self.checksums else None
+            try:
+                for req in reqs:
+                    stream = self._read_item(fh, mapped, path, size, req)
+                    try:
+                        self._use_item(path, req, stream, planner)
+                    finally:
+                        stream.close()
+            finally:
+                if mapped is not None:
+                    mapped.close()
 
-    def _read_item(self, fh: Any, path: str, size: int, req: Any) -> Any:
+    def _read_item(self, fh: Any, mapped: Any, path: str, size: int, req: Any) -> Any:
         """Bounds-check and checksum one item; a stream over its bytes for :meth:`_use_item`."""
         info = self.storage_data[req.storage_index]
         offset, length = int(info.offset), int(info.length)
@@ -210,15 +220,22 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
                 f"data file {path} is {what}, but item {_item_name(req)} needs bytes {offset}..{offset + length}; "
                 "the checkpoint was not fully written or was damaged: restore the file or re-save"
             )
-        if req.type == LoadItemType.BYTE_IO:  # small: read once, check, hand over
-            fh.seek(offset)
-            data = fh.read(length)
-            if self.checksums is not None:
-                self._check(path, info.relative_path, offset, length, digest_bytes(data), req)
+        if mapped is None:
+            if req.type == LoadItemType.BYTE_IO:
+                fh.seek(offset)
+                return io.BytesIO(fh.read(length))
+            return FileSlice(fh, offset, length)
+        view = memoryview(mapped)[offset : offset + length]
+        try:
+            self._check(path, info.relative_path, offset, length, digest_bytes(view), req)
+        except BaseException:
+            view.release()
+            raise
+        if req.type == LoadItemType.BYTE_IO:
+            data = bytes(view)
+            view.release()
             return io.BytesIO(data)
-        if self.checksums is not None:  # tensors: hash through a reused buffer, then load from the file
-            self._check(path, info.relative_path, offset, length, hash_file_range(fh, offset, length), req)
-        return FileSlice(fh, offset, length)
+        return MemorySlice(view)
 
     def _check(self, path: str, rel: str, offset: int, length: int, got: str, req: Any) -> None:
         assert self.checksums is not None
@@ -309,23 +326,49 @@ class FileSlice(io.RawIOBase):
         return bytes(data)
 
 
-_HASH_BLOCK = 8 << 20
+class MemorySlice(io.RawIOBase):
+    """A read-only, seekable stream over a memoryview (of a mapped data file); ``close`` releases it."""
 
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view: memoryview | None = view
+        self._pos = 0
 
-def hash_file_range(fh: Any, offset: int, length: int) -> str:
-    """The checksum of ``length`` bytes at ``offset``, read through one reused buffer."""
-    h = xxhash.xxh3_64()
-    buf = bytearray(min(length, _HASH_BLOCK))
-    view = memoryview(buf)
-    fh.seek(offset)
-    left = length
-    while left > 0:
-        n = fh.readinto(view[: min(left, len(buf))])
-        if not n:
-            break
-        h.update(view[:n])
-        left -= n
-    return str(h.hexdigest())
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        assert self._view is not None
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        assert self._view is not None
+        out = memoryview(buffer).cast("B")
+        n = max(0, min(len(out), len(self._view) - self._pos))
+        out[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        assert self._view is not None
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        data = bytes(self._view[self._pos : end])
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        super().close()
 
 
 def _config_keys() -> set[str]:
