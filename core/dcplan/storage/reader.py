@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import io
-import mmap
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import xxhash
 from torch.distributed.checkpoint import FileSystemReader as _TorchFileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
@@ -196,21 +196,14 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
             raise CorruptCheckpointError(f"cannot open data file {path}: {exc.strerror or exc}") from None
         with fh:
             size = os.fstat(fh.fileno()).st_size
-            # with checksums, map the file: each item is hashed in place and torch.load copies
-            # it once into the tensor, so checking costs one pass over memory, not another read
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size and self.checksums else None
-            try:
-                for req in reqs:
-                    stream = self._read_item(fh, mapped, path, size, req)
-                    try:
-                        self._use_item(path, req, stream, planner)
-                    finally:
-                        stream.close()
-            finally:
-                if mapped is not None:
-                    mapped.close()
+            for req in reqs:
+                stream = self._read_item(fh, path, size, req)
+                try:
+                    self._use_item(path, req, stream, planner)
+                finally:
+                    stream.close()
 
-    def _read_item(self, fh: Any, mapped: Any, path: str, size: int, req: Any) -> Any:
+    def _read_item(self, fh: Any, path: str, size: int, req: Any) -> Any:
         """Bounds-check and checksum one item; a stream over its bytes for :meth:`_use_item`."""
         info = self.storage_data[req.storage_index]
         offset, length = int(info.offset), int(info.length)
@@ -220,22 +213,17 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
                 f"data file {path} is {what}, but item {_item_name(req)} needs bytes {offset}..{offset + length}; "
                 "the checkpoint was not fully written or was damaged: restore the file or re-save"
             )
-        if mapped is None:
-            if req.type == LoadItemType.BYTE_IO:
-                fh.seek(offset)
-                return io.BytesIO(fh.read(length))
-            return FileSlice(fh, offset, length)
-        view = memoryview(mapped)[offset : offset + length]
-        try:
-            self._check(path, info.relative_path, offset, length, digest_bytes(view), req)
-        except BaseException:
-            view.release()
-            raise
         if req.type == LoadItemType.BYTE_IO:
-            data = bytes(view)
-            view.release()
+            fh.seek(offset)
+            data = fh.read(length)
+            if self.checksums is not None:
+                self._check(path, info.relative_path, offset, length, digest_bytes(data), req)
             return io.BytesIO(data)
-        return MemorySlice(view)
+        if self.checksums is None:
+            return FileSlice(fh, offset, length)
+        # a tensor: hashed while torch.load reads it (each block right after it is read, while it
+        # is in the CPU cache) and checked in _use_item before anything reaches the state dict
+        return FileSlice(fh, offset, length, hashing=True)
 
     def _check(self, path: str, rel: str, offset: int, length: int, got: str, req: Any) -> None:
         assert self.checksums is not None
@@ -264,10 +252,14 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
         try:
             tensor = torch.load(stream, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any decoding failure of damaged bytes
+            if isinstance(stream, FileSlice) and stream.hashing:
+                self._check(path, info.relative_path, int(info.offset), int(info.length), stream.digest(), req)
             raise CorruptCheckpointError(
                 f"item {_item_name(req)} in data file {path} at offset {info.offset} cannot be decoded "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the file is corrupted"
             ) from None
+        if isinstance(stream, FileSlice) and stream.hashing:
+            self._check(path, info.relative_path, int(info.offset), int(info.length), stream.digest(), req)
         tensor = compat.narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
         target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
@@ -282,15 +274,25 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
 class FileSlice(io.RawIOBase):
     """A read-only, seekable view of ``length`` bytes at ``offset`` of an open binary file.
 
-    ``torch.load`` reads a tensor's storage straight from it (no intermediate copy).
+    ``torch.load`` reads a tensor's storage straight from it into the tensor (no intermediate
+    copy). With ``hashing=True`` it also computes the item's checksum, in file order: a read
+    that starts at the hash cursor (or a small gap past it, hashed first) is hashed block by
+    block right after each block is read, while it is still in the CPU cache, so checking
+    costs no second pass over the data. Reads elsewhere (torch reads the zip directory at
+    the end first) are only read. :meth:`digest` hashes whatever no read covered.
     """
 
-    def __init__(self, fh: Any, offset: int, length: int) -> None:
+    _BLOCK = 256 << 10
+
+    def __init__(self, fh: Any, offset: int, length: int, hashing: bool = False) -> None:
         super().__init__()
         self._fh = fh
         self._start = offset
         self._len = length
         self._pos = 0
+        self.hashing = hashing
+        self._hashed = 0
+        self._h = xxhash.xxh3_64() if hashing else None
 
     def readable(self) -> bool:
         return True
@@ -306,69 +308,60 @@ class FileSlice(io.RawIOBase):
         self._pos = max(0, base + pos)
         return self._pos
 
+    def _raw_readinto(self, pos: int, out: memoryview) -> int:
+        self._fh.seek(self._start + pos)
+        return int(self._fh.readinto(out) or 0)
+
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = max(0, min(len(view), self._len - self._pos))
+        out = memoryview(buffer).cast("B")
+        start = self._pos
+        n = max(0, min(len(out), self._len - start))
         if n == 0:
             return 0
-        self._fh.seek(self._start + self._pos)
-        got = self._fh.readinto(view[:n])
-        self._pos += got or 0
-        return got or 0
+        if self._h is None:
+            got = self._raw_readinto(start, out[:n])
+            self._pos += got
+            return got
+        if self._hashed < start <= self._hashed + self._BLOCK:  # a small gap (headers, padding)
+            self._hash_to(start)
+        got = 0
+        while got < n:
+            stop = min(n, got + self._BLOCK)
+            k = self._raw_readinto(start + got, out[got:stop])
+            if k <= 0:
+                break
+            if start + got == self._hashed:  # in order: hash the block just read, from the cache
+                self._h.update(out[got : got + k])
+                self._hashed += k
+            got += k
+        self._pos = start + got
+        return got
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = self._len - self._pos
-        size = max(0, min(size, self._len - self._pos))
-        self._fh.seek(self._start + self._pos)
-        data = self._fh.read(size)
-        self._pos += len(data)
-        return bytes(data)
+        buf = bytearray(max(0, min(size, self._len - self._pos)))
+        n = self.readinto(buf)
+        return bytes(buf[:n])
 
+    def _hash_to(self, end: int) -> None:
+        assert self._h is not None
+        if end <= self._hashed:
+            return
+        buf = bytearray(min(self._BLOCK, end - self._hashed))
+        view = memoryview(buf)
+        while self._hashed < end:
+            k = self._raw_readinto(self._hashed, view[: min(len(buf), end - self._hashed)])
+            if k <= 0:
+                break
+            self._h.update(view[:k])
+            self._hashed += k
 
-class MemorySlice(io.RawIOBase):
-    """A read-only, seekable stream over a memoryview (of a mapped data file); ``close`` releases it."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view: memoryview | None = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        assert self._view is not None
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        assert self._view is not None
-        out = memoryview(buffer).cast("B")
-        n = max(0, min(len(out), len(self._view) - self._pos))
-        out[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        assert self._view is not None
-        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
-        data = bytes(self._view[self._pos : end])
-        self._pos += len(data)
-        return data
-
-    def close(self) -> None:
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        super().close()
+    def digest(self) -> str:
+        """The checksum of all ``length`` bytes (reads and hashes what no read has covered)."""
+        assert self._h is not None
+        self._hash_to(self._len)
+        return str(self._h.hexdigest())
 
 
 def _config_keys() -> set[str]:
