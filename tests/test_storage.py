@@ -16,7 +16,6 @@ import queue
 import shutil
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -355,8 +354,7 @@ def test_cli_inspect_says_metadata_only_and_convert_names_the_file(ckpt_a: Path,
     assert cli_main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "dcplan verify" in out and "metadata only" in out
+    assert f"{_data_files(path)[0].name}" in out and "[EMPTY]" in out and "WARNING" in out
     rc = cli_main(["convert", str(path), str(tmp_path / "out.pt")])
     err = capsys.readouterr().err
     assert rc == 2 and _data_files(path)[0].name in err and "empty" in err and "EOFError" not in err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")

@@ -433,6 +433,15 @@ def finish_read_metadata(reader: Any, metadata: Metadata) -> Metadata:
 
 
 
+def new_storage_meta(checkpoint_id: Any, save_id: str) -> Any:
+    """A ``StorageMeta(checkpoint_id, save_id)`` (2.4+), or ``None`` where torch has none."""
+    if not HAS_STORAGE_META:  # pragma: no cover - torch < 2.4
+        return None
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    return StorageMeta(checkpoint_id=checkpoint_id, save_id=save_id)
+
+
 def stamp_metadata(metadata: Metadata, storage_meta: Any) -> None:
     """What torch's ``FileSystemWriter.finish`` records besides ``storage_data``.
 

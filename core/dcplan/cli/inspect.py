@@ -47,10 +47,11 @@ def describe_checkpoint(path: str, metadata: Any) -> dict[str, Any]:
         length = int(getattr(info, "length", 0) or 0)
         stored[fqn] = stored.get(fqn, 0) + length
         if rel is not None:
-            f = files.setdefault(str(rel), {"items": 0, "bytes": 0, "keys": set()})
+            f = files.setdefault(str(rel), {"items": 0, "bytes": 0, "keys": set(), "needed": 0})
             f["items"] += 1
             f["bytes"] += length
             f["keys"].add(fqn)
+            f["needed"] = max(f["needed"], int(getattr(info, "offset", 0) or 0) + length)
     keys = []
     total_bytes = total_stored = n_tensors = n_objects = 0
     for fqn in sorted(metadata.state_dict_metadata):
@@ -99,10 +100,17 @@ def describe_checkpoint(path: str, metadata: Any) -> dict[str, Any]:
             "files": len(files),
         },
         "files": [
-            {"file": name, "items": f["items"], "bytes": f["bytes"], "keys": sorted(f["keys"])}
+            {"file": name, "items": f["items"], "bytes": f["bytes"], "keys": sorted(f["keys"]),
+             "on_disk": _file_state(str(path), name, f["needed"])}
             for name, f in sorted(files.items())
         ],
     }
+
+
+def _file_state(root: str, name: str, needed: int) -> str:
+    from dcplan.storage.verify import file_state  # storage (issue 14): stat-only data-file check
+
+    return file_state(root, name, needed)
 
 
 def _fmt(n: int) -> str:
@@ -136,7 +144,12 @@ def _print_text(d: dict[str, Any]) -> None:
     for f in d["files"]:
         keys = f["keys"]
         shown = ", ".join(keys[:6]) + (f" ... (+{len(keys) - 6})" if len(keys) > 6 else "")
-        print(f"  {f['file']}: {f['items']} item(s), {_fmt(f['bytes'])}: {shown}")
+        state = "" if f.get("on_disk", "ok") == "ok" else f"  [{f['on_disk'].upper()}]"
+        print(f"  {f['file']}: {f['items']} item(s), {_fmt(f['bytes'])}: {shown}{state}")
+    bad = [f["file"] for f in d["files"] if f.get("on_disk", "ok") != "ok"]
+    if bad:
+        print(f"WARNING: {len(bad)} data file(s) are missing, empty, truncated or outside the checkpoint: "
+              f"{', '.join(bad[:5])}; the data cannot load as it is")
     print(f"note: read metadata only (the data files were not opened); `dcplan verify {d['path']}` "
           "checks that they are all there and match their checksums")
 

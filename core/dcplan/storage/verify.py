@@ -26,7 +26,7 @@ from dcplan.storage.checksum import ALGORITHM, Checksums, digest_bytes, sidecar_
 from dcplan.storage.reader import FileSystemReader, confined_path, load_checksums
 from dcplan.storage.writer import leftovers
 
-__all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
+__all__ = ["Problem", "VerifyReport", "file_state", "verify_checkpoint"]
 
 #: a progress bar is shown (on a terminal) when at least this many bytes are hashed
 PROGRESS_BYTES = 256 << 20
@@ -83,6 +83,25 @@ def _coverage(metadata: Any, storage: dict[Any, Any]) -> Iterator[Problem]:
             if key not in names:
                 where = f" chunk at {list(key[1])}" if chunk is not None else ""
                 yield Problem("coverage", None, fqn, f"{fqn}{where} is in .metadata but no storage entry holds it")
+
+
+def file_state(root: str, relative_path: str, needed: int) -> str:
+    """A data file's state from ``stat`` alone: ``ok``, ``missing``, ``empty``, ``truncated`` or ``outside``.
+
+    ``needed`` is the largest ``offset + length`` that ``.metadata`` puts in it. Cheap (no data
+    read); ``dcplan inspect`` shows it, :func:`verify_checkpoint` checks far more.
+    """
+    try:
+        full = confined_path(root, relative_path)
+    except CheckpointPathError:
+        return "outside"
+    try:
+        size = os.stat(full).st_size
+    except OSError:
+        return "missing"
+    if size < needed:
+        return "empty" if size == 0 else "truncated"
+    return "ok"
 
 
 def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True, trust: bool = False,

@@ -134,9 +134,11 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
             return super().prepare_local_plan(plan)
 
     def storage_meta(self) -> Any:
+        # the save id names the checksum file: it must reach .metadata on every torch
         meta = super().storage_meta()
-        if meta is not None:
-            meta.save_id = self.save_id
+        if meta is None:
+            return compat.new_storage_meta(self.checkpoint_id, self.save_id)
+        meta.save_id = self.save_id
         return meta
 
     # -- data
