@@ -358,3 +358,12 @@ def test_cli_inspect_says_metadata_only_and_convert_names_the_file(ckpt_a: Path,
     rc = cli_main(["convert", str(path), str(tmp_path / "out.pt")])
     err = capsys.readouterr().err
     assert rc == 2 and _data_files(path)[0].name in err and "empty" in err and "EOFError" not in err
+
+
+@pytest.mark.parametrize("options", [{"thread_count": 2}, {"single_file_per_rank": False}])
+def test_writer_options_pass_through_and_every_item_is_checksummed(tmp_path: Path, options: dict) -> None:
+    path = tmp_path / "ckpt"
+    dcp.save(_state(6), storage_writer=FileSystemWriter(str(path), **options), no_dist=True)
+    report = verify_checkpoint(path)
+    assert report.ok and report.checksums == "verified" and report.checked_items == report.items
+    assert _same(_load_stock(path), _state(6)) and _same(_load_dcplan(path), _state(6))
