@@ -19,7 +19,7 @@ __all__ = ["register", "describe_checkpoint", "read_checkpoint_metadata"]
 
 def read_checkpoint_metadata(path: str, trust: bool = False) -> Any:
     """The checkpoint's ``Metadata``, through :class:`dcplan.FileSystemReader` (one-line errors)."""
-    from dcplan.load.safe import FileSystemReader
+    from dcplan.storage.reader import FileSystemReader
 
     return FileSystemReader(path, trust=trust).read_metadata()
 
