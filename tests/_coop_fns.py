@@ -206,10 +206,10 @@ class FailingReader(MeteredFileSystemReader):
         super().__init__(path)
         self.fail = fail
 
-    def _slice_file(self, file: Any, sinfo: Any) -> Any:
+    def _open_data(self, path: str) -> Any:
         if self.fail:
             raise OSError("simulated storage failure on this rank")
-        return super()._slice_file(file, sinfo)
+        return super()._open_data(path)
 
 
 def load_failing(rank: int, world: int, path: str) -> str:

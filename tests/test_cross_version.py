@@ -2,7 +2,9 @@
 
 ``tests/data/xver/torch-<version>/`` hold real checkpoints, each written by
 ``python tools/xver.py write`` with two gloo ranks on that torch version. Every tox
-environment loads each of them with ``dcplan.LoadPlanner`` and compares bit for bit.
+environment loads each of them with ``dcplan.LoadPlanner`` and compares bit for bit; a
+checkpoint written with checksums (``dcplan.FileSystemWriter``, ``"checksums": true`` in
+``xver.json``) must also pass ``dcplan verify`` here, and a flipped byte must be caught.
 Whether a checkpoint must load or be refused follows from the writer's recorded
 feature flags (``xver.json``) and this torch's, never from version strings. The
 ``xver`` tox environment does the same live, across all six torch versions.
@@ -37,6 +39,29 @@ def test_committed_checkpoints_span_both_formats() -> None:
     """Never silently test nothing: one pre-2.15 and one 2.15 checkpoint must be here."""
     formats = {bool(_manifest(p)["has_strides"]) for p in CHECKPOINTS}
     assert formats == {False, True}, f"expected a 5-field and a 6-field checkpoint under {DATA}, got {CHECKPOINTS}"
+
+
+CHECKSUMMED = [p for p in CHECKPOINTS if _manifest(p).get("checksums")]
+
+
+def test_a_committed_checkpoint_carries_checksums() -> None:
+    """Never silently test nothing: one checkpoint written by dcplan's writer (checksums on) must be here."""
+    assert CHECKSUMMED, f"expected a checkpoint written with checksums under {DATA} (python tools/xver.py write)"
+
+
+@pytest.mark.parametrize("ckpt", CHECKSUMMED, ids=[p.name for p in CHECKSUMMED])
+def test_checksums_written_by_another_torch_catch_a_flipped_byte(ckpt: Path, tmp_path: Path) -> None:
+    path = tmp_path / ckpt.name
+    shutil.copytree(ckpt, path)
+    data_file = sorted(path.glob("*.distcp"))[0]
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data_file.write_bytes(bytes(raw))
+    status, detail = read_checkpoint(path)
+    if _expect_refused(ckpt):
+        assert status == "refused", detail
+    else:
+        assert status == "bad" and "checksum mismatch" in detail and data_file.name in detail, detail
 
 
 @pytest.mark.parametrize("ckpt", CHECKPOINTS, ids=[p.name for p in CHECKPOINTS])

@@ -3,7 +3,9 @@
 Three modes::
 
     python tools/xver.py write DIR      # 2 real gloo ranks save the reference state with dcplan.SavePlanner
-    python tools/xver.py read DIR...    # load each DIR with dcplan.LoadPlanner (one process) and verify it
+                                        # and dcplan.FileSystemWriter (checksums on)
+    python tools/xver.py read DIR...    # dcplan verify each DIR (checksums must match), then load it with
+                                        # dcplan.LoadPlanner + dcplan.FileSystemReader (one process), bit for bit
     python tools/xver.py matrix --toxworkdir .tox --work W torch24 torch215 ...
 
 ``matrix`` drives the interpreters of other tox environments

@@ -30,10 +30,19 @@ from dcplan.types import LoadStrategy, PluginInfo, Strategy
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.checkpoint.planner import SavePlan
 
+    from dcplan.api import async_save
     from dcplan.load.planner import LoadPlanner
     from dcplan.load.report import LoadReport
-    from dcplan.load.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
+    from dcplan.load.safe import (
+        CheckpointPathError,
+        CheckpointReadError,
+        CorruptCheckpointError,
+        MetadataVersionError,
+        UnsafeCheckpointError,
+    )
     from dcplan.save.planner import SavePlanner
+    from dcplan.storage.reader import FileSystemReader
+    from dcplan.storage.writer import FileSystemWriter
 
 # The names below import torch; they are loaded on first use (PEP 562), so that
 # ``import dcplan`` and the ``dcplan`` command line (``dcplan --help``) stay fast.
@@ -41,12 +50,17 @@ _LAZY = {
     "LoadPlanner": "dcplan.load.planner",
     "LoadReport": "dcplan.load.report",
     "CheckpointReadError": "dcplan.load.safe",
-    "FileSystemReader": "dcplan.load.safe",
+    "FileSystemReader": "dcplan.storage.reader",
+    "FileSystemWriter": "dcplan.storage.writer",
+    "CheckpointPathError": "dcplan.load.safe",
+    "CorruptCheckpointError": "dcplan.load.safe",
+    "async_save": "dcplan.api",
     "MetadataVersionError": "dcplan.load.safe",
     "UnsafeCheckpointError": "dcplan.load.safe",
     "SavePlanner": "dcplan.save.planner",
 }
-_SUBMODULES = frozenset({"builtin", "compat", "fmt", "gcpause", "hookspecs", "load", "save", "testing", "workloads"})
+# ``dcplan.save`` and ``dcplan.load`` are packages that are also callable: dcplan.save(state_dict, path)
+_SUBMODULES = frozenset({"api", "builtin", "compat", "fmt", "gcpause", "hookspecs", "load", "save", "storage", "testing", "workloads"})
 
 
 def __getattr__(name: str) -> Any:
@@ -65,6 +79,12 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
+    "CheckpointPathError",
+    "CorruptCheckpointError",
+    "FileSystemWriter",
+    "async_save",
+    "load",
+    "save",
     "CheckpointReadError",
     "Config",
     "ConfigError",

@@ -432,6 +432,65 @@ def finish_read_metadata(reader: Any, metadata: Metadata) -> Metadata:
     return metadata
 
 
+
+def new_storage_meta(checkpoint_id: Any, save_id: str) -> Any:
+    """A ``StorageMeta(checkpoint_id, save_id)`` (2.4+), or ``None`` where torch has none."""
+    if not HAS_STORAGE_META:  # pragma: no cover - torch < 2.4
+        return None
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    return StorageMeta(checkpoint_id=checkpoint_id, save_id=save_id)
+
+
+def stamp_metadata(metadata: Metadata, storage_meta: Any) -> None:
+    """What torch's ``FileSystemWriter.finish`` records besides ``storage_data``.
+
+    ``Metadata.version`` (the DCP format version, 2.9+) and ``storage_meta`` (2.4+), where
+    this torch's ``Metadata`` has those fields.
+    """
+    if HAS_METADATA_VERSION:
+        from torch.distributed.checkpoint import filesystem as fs_mod
+
+        version = getattr(fs_mod, "CURRENT_DCP_VERSION", None)
+        if version is not None:
+            metadata.version = version
+    if HAS_STORAGE_META:
+        metadata.storage_meta = storage_meta
+
+
+def dcp_call_kwargs(fn: Any, process_group: Any) -> dict[str, Any]:
+    """``process_group`` and, where ``fn`` (``dcp.save``/``load``/``async_save``) takes it, ``no_dist``.
+
+    ``no_dist`` is a parameter from 2.7 (``async_save``: 2.9); before, dcp infers it from
+    ``dist.is_initialized()``, which is what this passes where it can.
+    """
+    import torch.distributed as dist
+
+    kwargs: dict[str, Any] = {"process_group": process_group}
+    try:
+        params = inspect.signature(inspect.unwrap(fn)).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a C or oddly wrapped function
+        params = {}  # type: ignore[assignment]
+    if "no_dist" in params:
+        kwargs["no_dist"] = not (dist.is_available() and dist.is_initialized())
+    return kwargs
+
+
+def checkpoint_failures(exc: BaseException) -> dict[int, BaseException]:
+    """The per-rank exceptions inside torch's ``CheckpointException`` (``{}`` for anything else).
+
+    ``failures`` maps rank to ``(exception, traceback)`` (a ``WrappedException``) in 2.4+.
+    """
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict):
+        return {}
+    out: dict[int, BaseException] = {}
+    for rank, wrapped in failures.items():
+        inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else getattr(wrapped, "exception", wrapped)
+        if isinstance(inner, BaseException):
+            out[int(rank)] = inner
+    return out
+
 # ---------------------------------------------------------------- .metadata written by a newer torch
 #: How many fields this torch's ``TensorProperties`` pickles (5 up to 2.14, 6 with strides from 2.15).
 TENSOR_PROPERTIES_FIELDS = len(TensorProperties().__getstate__())

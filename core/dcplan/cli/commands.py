@@ -73,7 +73,7 @@ def _add_plugins(sub: Any) -> None:
 
 @hookimpl
 def dcplan_register_commands(subparsers: Any) -> None:
-    from dcplan.cli import inspect, plan
+    from dcplan.cli import inspect, plan, verify
 
     _add_plugins(subparsers)
 
@@ -92,6 +92,7 @@ def dcplan_register_commands(subparsers: Any) -> None:
 
     plan.register(subparsers)
     inspect.register(subparsers)
+    verify.register(subparsers)
 
 
 def _demo_doc() -> str:

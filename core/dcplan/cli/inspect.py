@@ -19,7 +19,7 @@ __all__ = ["register", "describe_checkpoint", "read_checkpoint_metadata"]
 
 def read_checkpoint_metadata(path: str, trust: bool = False) -> Any:
     """The checkpoint's ``Metadata``, through :class:`dcplan.FileSystemReader` (one-line errors)."""
-    from dcplan.load.safe import FileSystemReader
+    from dcplan.storage.reader import FileSystemReader
 
     return FileSystemReader(path, trust=trust).read_metadata()
 
@@ -65,10 +65,11 @@ def describe_checkpoint(path: str, metadata: Any, progress: Any = None) -> dict[
         length = int(getattr(info, "length", 0) or 0)
         stored[fqn] = stored.get(fqn, 0) + length
         if rel is not None:
-            f = files.setdefault(str(rel), {"items": 0, "bytes": 0, "keys": set()})
+            f = files.setdefault(str(rel), {"items": 0, "bytes": 0, "keys": set(), "needed": 0})
             f["items"] += 1
             f["bytes"] += length
             f["keys"].add(fqn)
+            f["needed"] = max(f["needed"], int(getattr(info, "offset", 0) or 0) + length)
     keys = []
     total_bytes = total_stored = n_tensors = n_objects = 0
     fqns = sorted(metadata.state_dict_metadata)
@@ -104,6 +105,7 @@ def describe_checkpoint(path: str, metadata: Any, progress: Any = None) -> dict[
     pd = getattr(metadata, "planner_data", None)
     return {
         "path": str(path),
+        "metadata_only": True,  # the data files are not opened: dcplan verify checks them
         "version": compat.metadata_version(metadata),
         "storage_meta": storage_meta,
         "planner_data": _planner_data(pd),
@@ -117,10 +119,17 @@ def describe_checkpoint(path: str, metadata: Any, progress: Any = None) -> dict[
             "files": len(files),
         },
         "files": [
-            {"file": name, "items": f["items"], "bytes": f["bytes"], "keys": sorted(f["keys"])}
+            {"file": name, "items": f["items"], "bytes": f["bytes"], "keys": sorted(f["keys"]),
+             "on_disk": _file_state(str(path), name, f["needed"])}
             for name, f in sorted(files.items())
         ],
     }
+
+
+def _file_state(root: str, name: str, needed: int) -> str:
+    from dcplan.storage.verify import file_state  # storage (issue 14): stat-only data-file check
+
+    return file_state(root, name, needed)
 
 
 def _fmt(n: int) -> str:
@@ -156,7 +165,14 @@ def _print_text(d: dict[str, Any]) -> None:
     for f in d["files"]:
         keys = f["keys"]
         shown = ", ".join(keys[:6]) + (f" ... (+{len(keys) - 6})" if len(keys) > 6 else "")
-        print(f"  {f['file']}: {f['items']} item(s), {_fmt(f['bytes'])}: {shown}")
+        state = "" if f.get("on_disk", "ok") == "ok" else f"  [{f['on_disk'].upper()}]"
+        print(f"  {f['file']}: {f['items']} item(s), {_fmt(f['bytes'])}: {shown}{state}")
+    bad = [f["file"] for f in d["files"] if f.get("on_disk", "ok") != "ok"]
+    if bad:
+        print(f"WARNING: {len(bad)} data file(s) are missing, empty, truncated or outside the checkpoint: "
+              f"{', '.join(bad[:5])}; the data cannot load as it is")
+    print(f"note: read metadata only (the data files were not opened); `dcplan verify {d['path']}` "
+          "checks that they are all there and match their checksums")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ dcplan closes both doors by default:
   used by :class:`dcplan.LoadPlanner` and the empty loader);
 * ``.metadata`` goes through an allow-list unpickler that admits only DCP's metadata
   types and plain containers (:func:`read_metadata_file`, used by
-  :class:`FileSystemReader` and every dcplan CLI command).
+  :class:`dcplan.storage.reader.FileSystemReader` and every dcplan CLI command).
 
 Both admit more through config (``trusted_globals = ["package.module.Class"]``), through
 plugins (the ``dcplan_safe_globals`` hook), or not at all with ``trust_checkpoint = true``
@@ -20,23 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import io
-import os
 import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader as _TorchFileSystemReader
 
 from dcplan import compat
-from dcplan.config import Config, resolve_config
+from dcplan.config import Config
 from dcplan.errors import ConfigError, DcplanError
 
 __all__ = [
+    "CheckpointPathError",
     "CheckpointReadError",
-    "FileSystemReader",
+    "CorruptCheckpointError",
     "MetadataVersionError",
     "UnsafeCheckpointError",
     "check_trusted_globals",
@@ -80,6 +78,14 @@ class CheckpointReadError(DcplanError, ValueError):
 
 class MetadataVersionError(CheckpointReadError):
     """``.metadata`` was written by a newer torch whose format this torch cannot read."""
+
+
+class CorruptCheckpointError(CheckpointReadError):
+    """A data file is missing, empty, truncated or fails its checksum (the message names file and item)."""
+
+
+class CheckpointPathError(CheckpointReadError):
+    """A storage entry points outside the checkpoint directory (``..``, absolute, a symlink out)."""
 
 
 # ---------------------------------------------------------------- globals
@@ -356,104 +362,3 @@ def read_metadata_file(
             "is this a torch.distributed.checkpoint directory?"
         )
     return metadata
-
-
-class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
-    """Drop-in for torch's ``FileSystemReader`` that reads ``.metadata`` safely.
-
-    Use it with ``dcp.load(sd, storage_reader=dcplan.FileSystemReader(path), planner=dcplan.LoadPlanner())``.
-    A missing path, a directory that is not a checkpoint, a truncated or corrupted ``.metadata``
-    and a ``.metadata`` that needs a non-admitted global each raise a :class:`dcplan.DcplanError`
-    with a one-line message.
-
-    :param path: the checkpoint directory.
-    :param config: a :class:`dcplan.Config` or mapping; ``None`` reads config sources.
-    :param trust: shortcut for ``trust_checkpoint=True`` (DANGEROUS).
-    :param overrides: config keys, e.g. ``trusted_globals=[...]``.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *args: Any,
-        config: Config | Mapping[str, Any] | None = None,
-        trust: bool | None = None,
-        plugin_manager: Any = None,
-        **overrides: Any,
-    ) -> None:
-        cfg_keys = {k: overrides.pop(k) for k in list(overrides) if k in _config_keys()}
-        if trust is not None:
-            cfg_keys["trust_checkpoint"] = trust
-        super().__init__(path, *args, **overrides)
-        self.config, _ = resolve_config(config, cfg_keys)
-        check_trusted_globals(self.config)
-        self._pm = plugin_manager
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_pm"] = None
-        return state
-
-    def _safe_pairs(self) -> list[tuple[Any, str]]:
-        pm = self._pm
-        if pm is None:
-            from dcplan.manager import get_plugin_manager
-
-            pm = get_plugin_manager()
-        return collect_safe_globals(self.config, pm)
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> compat.Metadata:
-        path = compat.metadata_file_path(self, kwargs.get("rank"))
-        root = os.fspath(self.path)
-        if not os.path.exists(root):
-            raise CheckpointReadError(f"no checkpoint at {root}: the path does not exist")
-        if not os.path.isdir(root):
-            raise CheckpointReadError(f"{root} is not a DCP checkpoint: it is a file, not a directory")
-        if not os.path.exists(os.fspath(path)):
-            raise CheckpointReadError(f"{root} is not a DCP checkpoint: it has no .metadata file")
-        try:
-            with self.fs.create_stream(path, "rb") as stream:
-                data = stream.read()
-        except OSError as exc:
-            raise CheckpointReadError(f"cannot read {path}: {exc.strerror or exc}") from None
-        metadata = read_metadata_file(
-            io.BytesIO(data),
-            where=os.fspath(path),
-            extra_globals=self._safe_pairs(),
-            trust=self.config.trust_checkpoint,
-        )
-        return compat.finish_read_metadata(self, metadata)
-
-    # -- load strategies (e.g. dcplan-coop-load): the reader's half of the contract in
-    # dcplan.load.strategy -- mark the local plan, then ONE planner.finish_reads call
-    # at the end of read_data. Keep both when this reader moves or is rewritten.
-    def prepare_local_plan(self, plan: Any) -> Any:
-        from dcplan.load.strategy import mark_reader
-
-        return mark_reader(super().prepare_local_plan(plan))
-
-    def read_data(self, plan: Any, planner: Any) -> Any:
-        finish_reads = getattr(planner, "finish_reads", None)
-        if not callable(finish_reads):
-            return super().read_data(plan, planner)
-
-        def read(more: Any) -> None:
-            _TorchFileSystemReader.read_data(self, more, planner).wait()
-
-        error: BaseException | None = None
-        try:
-            read(plan)
-        except Exception as exc:  # noqa: BLE001 - handed to finish_reads, which tells the peers and re-raises
-            error = exc
-        finish_reads(plan, read=read, error=error)
-        from torch.futures import Future
-
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
-
-
-def _config_keys() -> set[str]:
-    from dcplan.config import config_keys
-
-    return set(config_keys())

@@ -12,3 +12,20 @@
 
 :mod:`dcplan.save.planner` drives the steps through the hooks.
 """
+
+# -- storage (issue 14): this package is also the function dcplan.save(state_dict, path).
+# ``dcplan.save`` names both, and Python binds a package onto its parent whenever it is
+# imported, so the package itself is made callable and forwards to dcplan.api.save.
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+
+class _CallableSavePackage(_types.ModuleType):
+    def __call__(self, state_dict: _Any, path: _Any, **kwargs: _Any) -> _Any:
+        from dcplan.api import save
+
+        return save(state_dict, path, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableSavePackage

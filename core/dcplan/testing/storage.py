@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from dcplan.load.safe import FileSystemReader
+from dcplan.storage.reader import FileSystemReader
 
 __all__ = ["Meter", "MeteredFileSystemReader"]
 
@@ -96,3 +96,7 @@ class MeteredFileSystemReader(FileSystemReader):
         super().__init__(path, *args, **kwargs)
         self.meter = Meter(bandwidth)
         self.fs = _MeteredFS(self.fs, self.meter)  # type: ignore[assignment]
+
+    def _open_data(self, path: str) -> Any:
+        # dcplan's reader opens data files here (torch's reads through self.fs.create_stream)
+        return _MeteredStream(super()._open_data(path), self.meter)

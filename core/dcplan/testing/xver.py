@@ -1,8 +1,9 @@
 """Cross-version checkpoint checks (used by ``tools/xver.py`` and ``tests/test_cross_version.py``).
 
 :func:`write_checkpoint` saves :func:`reference_state` with ``dcplan.SavePlanner``
-on real gloo ranks; :func:`read_checkpoint` loads it back with
-``dcplan.LoadPlanner`` in one process and compares bit for bit. The writer records
+and ``dcplan.FileSystemWriter`` (checksums on) on real gloo ranks; :func:`read_checkpoint`
+runs ``dcplan verify`` on it (every checksum must match), then loads it back with
+``dcplan.LoadPlanner`` and ``dcplan.FileSystemReader`` in one process and compares bit for bit. The writer records
 its torch's features in ``xver.json``, so a reader derives what it should expect from
 feature flags, not from version strings.
 """
@@ -119,12 +120,32 @@ def write_rank(rank: int, world_size: int, path: str) -> str:
     mesh = init_device_mesh("cpu", (world_size,))
     full = reference_state(0, world_size)["sharded"]
     sd = reference_state(rank, world_size, sharded=compat.distribute_tensor(full, mesh, [Shard(0)]))
-    dcp.save(sd, checkpoint_id=path, planner=dcplan.SavePlanner(report=False))
+    # dcplan's writer: atomic commit and a checksum per item, which every other torch must verify
+    dcp.save(sd, storage_writer=dcplan.FileSystemWriter(path), planner=dcplan.SavePlanner(report=False))
     dist.barrier()
     if rank == 0:
-        manifest = {"torch": torch.__version__, "has_strides": compat.HAS_STRIDES, "world_size": world_size}
+        manifest = {"torch": torch.__version__, "has_strides": compat.HAS_STRIDES, "world_size": world_size,
+                    "checksums": True}
         (Path(path) / MANIFEST).write_text(json.dumps(manifest))
     return "ok"
+
+
+def _verify_checksums(path: Path, manifest: dict[str, Any]) -> str:
+    """``dcplan verify`` on a checkpoint: ``""`` when fine, else what is wrong.
+
+    A checkpoint whose writer stored checksums (``manifest["checksums"]``) must have them
+    verified here, item by item; one from an older dcplan (no checksums) must verify its
+    files and sizes. ``.metadata`` this torch cannot read raises, as the load does.
+    """
+    from dcplan.storage.verify import verify_checkpoint
+
+    report = verify_checkpoint(path, progress=False)
+    want = "verified" if manifest.get("checksums") else "absent"
+    if report.checksums != want:
+        return f"dcplan verify: checksums {report.checksums}, expected {want}"
+    if not report.ok:
+        return "dcplan verify: " + "; ".join(p.detail for p in report.problems[:5])
+    return ""
 
 
 def write_checkpoint(pool: Any, path: str | Path) -> None:
@@ -158,7 +179,11 @@ def read_checkpoint(path: str | Path) -> tuple[str, str]:
     log = logging.getLogger("dcplan")
     log.addHandler(handler)
     try:
-        dcp.load(sd, checkpoint_id=str(path), planner=dcplan.LoadPlanner())
+        checked = _verify_checksums(path, manifest)
+        if checked:
+            return "bad", checked
+        # dcplan's reader: safe .metadata, confined paths and, when the writer stored them, checksums
+        dcp.load(sd, storage_reader=dcplan.FileSystemReader(str(path)), planner=dcplan.LoadPlanner())
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException

@@ -27,7 +27,7 @@ import torch
 import dcplan
 from dcplan import compat
 from dcplan.errors import DcplanError
-from dcplan.load.safe import FileSystemReader
+from dcplan.storage.reader import FileSystemReader
 
 __all__ = ["EmptyLoadPlanner", "KeySelectionError", "load_checkpoint", "select_keys"]
 
