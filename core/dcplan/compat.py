@@ -488,3 +488,55 @@ def install_metadata_format_guard() -> bool:
 
 
 METADATA_FORMAT_GUARD = install_metadata_format_guard()
+
+
+# ---------------------------------------------------------------- the running dcp.save
+_FS_MODULE = "torch.distributed.checkpoint.filesystem"
+
+
+def _writer_ignores_items(writer: Any) -> bool:
+    """Whether ``writer``'s ``prepare_local_plan``/``prepare_global_plan`` are torch's
+    filesystem writer's, which never read ``SavePlan.items`` (2.4-2.15)."""
+    for name in ("prepare_local_plan", "prepare_global_plan"):
+        fn = getattr(type(writer), name, None)
+        if fn is None or getattr(fn, "__module__", None) != _FS_MODULE:
+            return False
+        if not getattr(fn, "__qualname__", "").split(".")[0].lstrip("_").startswith("FileSystemWriter"):
+            return False
+    return True
+
+
+def dcp_save_context(max_depth: int = 16) -> tuple[Any, bool] | None:
+    """The process group and writer of the ``dcp.save`` calling this planner.
+
+    Returns ``(group, compact_ok)`` where ``group`` is the ``_DistWrapper``'s
+    group (``None``: the default group) and ``compact_ok`` whether the storage
+    writer ignores plan items before the gather (torch's filesystem writers);
+    ``None`` when no ``dcp.save`` is on the stack, it runs without
+    collectives (``no_dist``), or this torch keeps its state elsewhere. Found
+    by looking for ``_save_state_dict``'s ``distW`` and ``storage_writer`` in
+    the calling frames (2.4-2.15 keep both as closure variables of its
+    ``local_step``); anything unexpected answers ``None``.
+    """
+    import sys
+
+    from torch.distributed.checkpoint.utils import _DistWrapper
+
+    try:
+        frame = sys._getframe(1)
+    except (AttributeError, ValueError):  # pragma: no cover
+        return None
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        names = frame.f_code.co_freevars + frame.f_code.co_varnames
+        if "distW" in names:
+            loc = frame.f_locals
+            dw, writer = loc.get("distW"), loc.get("storage_writer")
+            if not isinstance(dw, _DistWrapper) or writer is None:
+                return None
+            if not getattr(dw, "use_dist", False):
+                return None
+            return getattr(dw, "group", None), _writer_ignores_items(writer)
+        frame = frame.f_back
+    return None

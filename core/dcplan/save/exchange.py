@@ -1,0 +1,135 @@
+"""Step 1b of a save, on every rank: agree which ranks send their plan, before the gather.
+
+Replicated layouts (DDP, HSDP, TP x PP x DP) have few distinct plans among many
+ranks. Every rank encodes its plan (:mod:`dcplan.save.wire`), digests the
+encoding together with its flattening mapping and agreement tuple, and the
+ranks ``all_gather_object`` those 16-byte digests (about 40 bytes per rank on
+the wire). A rank whose digest equals a lower rank's then sends only that
+rank's number; the coordinator rebuilds its plan from the lower rank's
+(:func:`dcplan.save.wire.unpack_gathered`). Gathered bytes then scale with the
+number of distinct plans, on the first save already.
+
+The collective runs on the planner's process group (``SavePlanner(process_group=)``,
+default: the default group) and only when it is known to be the group the
+running ``dcp.save`` gathers on (:func:`dcplan.compat.dcp_save_context`): a
+different or unknown group means every rank sends its full (compact) plan.
+Every rank takes part in the collective even when its local planning failed
+(it sends a failure marker), so no rank waits for a peer that has given up;
+torch's own gather then reports the failure everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+log = logging.getLogger("dcplan")
+
+__all__ = ["ExchangePlan", "resolve", "exchange_digests", "refs_from"]
+
+#: what a rank whose local planning failed contributes to the exchange
+FAILED = b"\x00failed"
+
+
+@attrs.frozen
+class ExchangePlan:
+    """How this rank takes part in a save's planning collectives.
+
+    :param group: the process group of the digest exchange (``None``: the default group).
+    :param exchange: whether to exchange digests (the group is known to be DCP's).
+    :param compact: whether to send the compact plan form at all (the storage
+        writer ignores items before the gather).
+    :param why: a reason when ``exchange`` is off.
+    """
+
+    group: Any = None
+    exchange: bool = False
+    compact: bool = False
+    why: str = ""
+
+
+def _same_group(a: Any, b: Any) -> bool:
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    return (world if a is None else a) is (world if b is None else b)
+
+
+def resolve(planner_group: Any, context: tuple[Any, bool] | None) -> ExchangePlan:
+    """Decide, from the planner's group and the running ``dcp.save``, what to do.
+
+    Every rank of one ``dcp.save`` call sees the same ``context`` group, so
+    ranks reach the same decision as long as their planners got the same
+    ``process_group``.
+    """
+    import torch.distributed as dist
+
+    if context is None:
+        return ExchangePlan(why="no dcp.save with collectives on the stack")
+    dcp_group, compact = context
+    if not (dist.is_available() and dist.is_initialized()):
+        return ExchangePlan(why="torch.distributed is not initialized")
+    if not compact:
+        return ExchangePlan(group=dcp_group, why="the storage writer may read plan items before the gather")
+    if not _same_group(planner_group, dcp_group):
+        return ExchangePlan(
+            group=dcp_group,
+            compact=True,
+            why="the planner's process_group is not the one dcp.save uses (pass the same to both)",
+        )
+    return ExchangePlan(group=dcp_group, exchange=True, compact=True)
+
+
+def exchange_digests(digest: bytes, group: Any) -> list[bytes]:
+    """``all_gather_object`` of this rank's digest (or :data:`FAILED`) on ``group``."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, digest, group=group)
+    return [d if isinstance(d, bytes) else FAILED for d in out]
+
+
+def refs_from(digests: Sequence[bytes]) -> list[int | None]:
+    """Per rank: the lowest rank with the same digest, or ``None`` (send the plan)."""
+    first: dict[bytes, int] = {}
+    refs: list[int | None] = []
+    for r, d in enumerate(digests):
+        if d == FAILED:
+            refs.append(None)
+            continue
+        q = first.setdefault(d, r)
+        refs.append(None if q == r else q)
+    return refs
+
+
+def send_plan(plan: Any, how: ExchangePlan, failed: bool = False) -> Any:
+    """What this rank returns from ``create_local_plan`` (``plan`` carries its ``RankPayload``).
+
+    With ``failed`` (local planning raised), only takes part in the digest
+    exchange, so that peers do not wait for it, and returns ``None``.
+    """
+    from dcplan.save import wire
+
+    if not how.compact:
+        return None if failed else plan
+    if failed:
+        if how.exchange:
+            exchange_digests(FAILED, how.group)
+        return None
+    try:
+        encoded = wire.encode_items(plan.items)
+        payload = plan.planner_data
+        digest = encoded.digest(payload.mapping, payload.agreement) if how.exchange else FAILED
+    except BaseException:
+        if how.exchange:
+            exchange_digests(FAILED, how.group)
+        raise
+    ref = None
+    if how.exchange:
+        import torch.distributed as dist
+
+        ref = refs_from(exchange_digests(digest, how.group))[dist.get_rank(how.group)]
+    return wire.pack_local(plan, payload, encoded, ref)

@@ -1,0 +1,542 @@
+"""What crosses the wire during planning, in a compact form (both directions).
+
+torch gathers every rank's local plan on the coordinator and scatters the final
+plans back, each pickled by ``gather_object``/``scatter_object_list``. A
+``WriteItem`` pickles to about 185 bytes; the forms here cost 10-40.
+
+* **Gathered** (rank -> coordinator): an ordinary ``SavePlan`` with
+  ``items=[]`` whose ``planner_data`` is a :class:`LocalMsg`: the rank's
+  :class:`~dcplan.save.planner.RankPayload` plus either its items as a
+  :class:`WirePlan` (columns of an interned fqn table, types, dtypes and
+  offsets/sizes as numpy arrays, compressed with ``zlib``) or, when a lower
+  rank holds exactly the same plan (:mod:`dcplan.save.exchange`), only that
+  rank's number. :func:`unpack_gathered` turns what the coordinator receives
+  back into full plans before anything else looks at them.
+* **Scattered** (coordinator -> rank): the final plan of a rank is almost
+  always a subset of what it sent, with DCP's index hints set. It travels as
+  a :class:`FinalMsg`: positions into the rank's local plan and the hints, as
+  numpy arrays, plus a :class:`WirePlan` of the items that are not such a
+  subset (a splitting strategy's sub-chunks). :func:`unpack_final`, called
+  first thing in ``finish_plan``, rebuilds ordinary ``WriteItem``\\ s, so the
+  storage writer's ``write_data`` sees an ordinary plan.
+
+Any item the columns cannot express exactly (an unknown field, a non-``Size``
+shape, an offset that is not its chunk's) travels as itself in
+``WirePlan.raw``: the round trip is exact for every plan (tests/test_wire.py).
+Torch's storage writers see ``SavePlan`` objects throughout; only
+``prepare_local_plan``/``prepare_global_plan`` see the compact ones, which is
+why the planner only uses this form with writers known not to read items there
+(:func:`dcplan.compat.dcp_save_context`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import operator
+import pickle
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from dcplan import compat
+from dcplan.compat import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from dcplan.errors import PlanMismatchError
+
+__all__ = [
+    "WirePlan",
+    "LocalMsg",
+    "FinalMsg",
+    "encode_items",
+    "decode_items",
+    "pack_local",
+    "unpack_gathered",
+    "pack_final",
+    "unpack_final",
+    "WIRE_VERSION",
+]
+
+WIRE_VERSION = 1
+
+# entry kinds
+_RAW, _BYTES, _WHOLE, _SHARD = 0, 1, 2, 3
+_TYPES = list(WriteItemType)
+_TYPE_NO = {t: i for i, t in enumerate(_TYPES)}
+_ITEM_FIELDS = frozenset(f.name for f in dataclasses.fields(WriteItem))
+_KNOWN_ITEM = frozenset({"index", "type", "tensor_data", "bytes_io_data"})
+_SIMPLE = _ITEM_FIELDS <= _KNOWN_ITEM and {f.name for f in dataclasses.fields(TensorWriteData)} == {
+    "chunk",
+    "properties",
+    "size",
+} and {f.name for f in dataclasses.fields(ChunkStorageMetadata)} == {"offsets", "sizes"}
+_HAS_BIO = "bytes_io_data" in _ITEM_FIELDS
+if _HAS_BIO:
+    from torch.distributed.checkpoint.planner import BytesIOWriteData
+else:  # pragma: no cover - torch < 2.8
+    BytesIOWriteData = None  # type: ignore[assignment,misc]
+
+
+@attrs.frozen
+class WirePlan:
+    """A list of ``WriteItem`` in columns (see the module docstring).
+
+    :param n: number of items.
+    :param cols: ``(name, dtype, count)`` of each array packed in ``blob``.
+    :param blob: the arrays, concatenated and ``zlib``-compressed.
+    :param props: the distinct ``TensorProperties`` (the ``pid`` column indexes it).
+    :param raw: ``(position, item)`` of items kept as themselves.
+    """
+
+    n: int
+    cols: tuple[tuple[str, str, int], ...]
+    blob: bytes
+    props: tuple[Any, ...] = ()
+    raw: tuple[tuple[int, Any], ...] = ()
+    version: int = WIRE_VERSION
+
+    def digest(self, *extra: Any) -> bytes:
+        """16 bytes that are equal for equal encodings (plus ``extra``, pickled)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.n, self.cols, self.version)).encode())
+        h.update(self.blob)
+        h.update(pickle.dumps((self.props, self.raw, extra), protocol=4))
+        return h.digest()
+
+
+def _small(values: Sequence[int], signed: bool = False) -> np.ndarray:
+    """``values`` as the narrowest integer array that holds them."""
+    arr = np.asarray(values, dtype=np.int64)
+    if not len(arr):
+        return arr.astype(np.uint8)
+    lo, hi = int(arr.min()), int(arr.max())
+    for dt in (np.uint8, np.uint16, np.uint32) if lo >= 0 else ():
+        if hi <= np.iinfo(dt).max:
+            return arr.astype(dt)
+    if np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
+        return arr.astype(np.int32)
+    return arr
+
+
+def _pack(arrays: dict[str, np.ndarray]) -> tuple[tuple[tuple[str, str, int], ...], bytes]:
+    cols = tuple((name, a.dtype.str, int(a.size)) for name, a in arrays.items())
+    data = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
+    return cols, zlib.compress(data, 1)
+
+
+def _unpack(cols: Sequence[tuple[str, str, int]], blob: bytes) -> dict[str, np.ndarray]:
+    data = zlib.decompress(blob)
+    out: dict[str, np.ndarray] = {}
+    at = 0
+    for name, dt, count in cols:
+        dtype = np.dtype(dt)
+        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=at)
+        at += dtype.itemsize * count
+    if at != len(data):
+        raise PlanMismatchError("dcplan: a compact plan's columns do not match its data (mixed dcplan versions?)")
+    return out
+
+
+def _is_size(x: Any) -> bool:
+    return type(x) is torch.Size
+
+
+def _entry(item: Any) -> tuple[int, tuple[int, ...], Any, int]:
+    """(kind, ints, properties, bytes size) of one item; kind ``_RAW`` when it does not fit."""
+    if not _SIMPLE or type(item) is not WriteItem or type(item.index) is not MetadataIndex:
+        return _RAW, (), None, 0
+    idx = item.index
+    if type(idx.fqn) is not str or not (idx.index is None or (type(idx.index) is int and idx.index >= 0)):
+        return _RAW, (), None, 0
+    td = item.tensor_data
+    bio = getattr(item, "bytes_io_data", None)
+    if td is None:
+        if idx.offset is not None:
+            return _RAW, (), None, 0
+        if bio is None:
+            return _BYTES, (), None, -1
+        if type(bio) is not BytesIOWriteData or type(bio.nbytes) is not int or bio.nbytes < 0:
+            return _RAW, (), None, 0
+        if len(dataclasses.fields(bio)) != 1:
+            return _RAW, (), None, 0
+        return _BYTES, (), None, bio.nbytes
+    if bio is not None or type(td) is not TensorWriteData:
+        return _RAW, (), None, 0
+    chunk = td.chunk
+    if type(chunk) is not ChunkStorageMetadata:
+        return _RAW, (), None, 0
+    size, offs, sizes, ioff = td.size, chunk.offsets, chunk.sizes, idx.offset
+    if not (_is_size(size) and _is_size(offs) and _is_size(sizes) and _is_size(ioff)):
+        return _RAW, (), None, 0
+    nd = len(size)
+    if len(offs) != nd or len(sizes) != nd or ioff != offs:
+        return _RAW, (), None, 0
+    if sizes == size and not any(offs):
+        return _WHOLE, tuple(size), td.properties, 0
+    return _SHARD, (*size, *offs, *sizes), td.properties, 0
+
+
+def encode_items(items: Sequence[WriteItem]) -> WirePlan:
+    """The compact form of ``items`` (exact: :func:`decode_items` gives equal items back)."""
+    fqn_ids: dict[str, int] = {}
+    props: list[Any] = []
+    prop_ids: dict[int, int] = {}
+    kind, wtype, fid, pid, ndim, hint, nbytes, ints = [], [], [], [], [], [], [], []
+    raw: list[tuple[int, Any]] = []
+    for pos, item in enumerate(items):
+        k, vals, p, nb = _entry(item)
+        kind.append(k)
+        if k == _RAW:
+            raw.append((pos, item))
+            continue
+        idx = item.index
+        fid.append(fqn_ids.setdefault(idx.fqn, len(fqn_ids)))
+        wtype.append(_TYPE_NO[item.type])
+        hint.append(-1 if idx.index is None else idx.index)
+        if k == _BYTES:
+            nbytes.append(nb)
+            continue
+        i = prop_ids.get(id(p))
+        if i is None:
+            for j, q in enumerate(props):
+                if q == p and type(q) is type(p):
+                    i = j
+                    break
+            else:
+                i = len(props)
+                props.append(p)
+            prop_ids[id(p)] = i
+        pid.append(i)
+        ndim.append(len(vals) if k == _WHOLE else len(vals) // 3)
+        ints.extend(vals)
+    names = "\x00".join(fqn_ids).encode("utf-8", "surrogatepass")
+    arrays = {
+        "kind": np.asarray(kind, dtype=np.uint8),
+        "wtype": np.asarray(wtype, dtype=np.uint8),
+        "fid": _small(fid),
+        "pid": _small(pid),
+        "ndim": np.asarray(ndim, dtype=np.uint8) if max(ndim, default=0) < 256 else _small(ndim),
+        "hint": _small(hint) if any(h >= 0 for h in hint) else np.zeros(0, np.uint8),
+        "nbytes": _small(nbytes),
+        "ints": _small(ints),
+        "names": np.frombuffer(names, dtype=np.uint8),
+        "nnames": np.asarray([len(fqn_ids)], dtype=np.int64),
+    }
+    cols, blob = _pack(arrays)
+    return WirePlan(n=len(items), cols=cols, blob=blob, props=tuple(props), raw=tuple(raw))
+
+
+def _by_dict_ok() -> bool:
+    """Whether the four classes can be built by filling ``__dict__`` (torch 2.4-2.15)."""
+    try:
+        props = compat.TensorProperties(dtype=torch.float32)
+        chunk = ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([2]))
+        td = TensorWriteData(chunk=chunk, properties=props, size=torch.Size([2]))
+        item = WriteItem(index=MetadataIndex("a", torch.Size([0]), 3), type=WriteItemType.TENSOR, tensor_data=td)
+        built = _new(
+            WriteItem,
+            {
+                "index": _new(MetadataIndex, {"fqn": "a", "offset": torch.Size([0]), "index": 3}),
+                "type": WriteItemType.TENSOR,
+                "tensor_data": _new(
+                    TensorWriteData,
+                    {
+                        "chunk": _new(ChunkStorageMetadata, {"offsets": torch.Size([0]), "sizes": torch.Size([2])}),
+                        "properties": props,
+                        "size": torch.Size([2]),
+                    },
+                ),
+                **({"bytes_io_data": None} if _HAS_BIO else {}),
+            },
+        )
+        return bool(built == item) and set(vars(built)) == set(vars(item))
+    except Exception:  # pragma: no cover - a torch whose classes use __slots__
+        return False
+
+
+def _new(cls: type, fields: dict[str, Any]) -> Any:
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
+
+
+_BY_DICT = _SIMPLE and _by_dict_ok()
+
+
+def _make_item(fqn: str, offset: Any, hint: Any, wtype: Any, td: Any, bio: Any) -> WriteItem:
+    if _BY_DICT:
+        index = _new(MetadataIndex, {"fqn": fqn, "offset": offset, "index": hint})
+        fields = {"index": index, "type": wtype, "tensor_data": td}
+        if _HAS_BIO:
+            fields["bytes_io_data"] = bio
+        return _new(WriteItem, fields)  # type: ignore[no-any-return]
+    kw: dict[str, Any] = {"index": MetadataIndex(fqn, offset, hint), "type": wtype, "tensor_data": td}
+    if _HAS_BIO:
+        kw["bytes_io_data"] = bio
+    return WriteItem(**kw)
+
+
+def _make_td(size: Any, offs: Any, sizes: Any, props: Any) -> Any:
+    if _BY_DICT:
+        chunk = _new(ChunkStorageMetadata, {"offsets": offs, "sizes": sizes})
+        return _new(TensorWriteData, {"chunk": chunk, "properties": props, "size": size})
+    return TensorWriteData(chunk=ChunkStorageMetadata(offsets=offs, sizes=sizes), properties=props, size=size)
+
+
+def decode_items(wire: WirePlan) -> list[WriteItem]:
+    """The items :func:`encode_items` was given (equal, not the same objects)."""
+    if not isinstance(wire, WirePlan) or wire.version != WIRE_VERSION:
+        raise PlanMismatchError(
+            "dcplan: a rank sent a plan in another wire format; install the same dcplan version on every rank"
+        )
+    a = _unpack(wire.cols, wire.blob)
+    nnames = int(a["nnames"][0])
+    names = bytes(a["names"]).decode("utf-8", "surrogatepass").split("\x00") if nnames else []
+    if len(names) != nnames:
+        raise PlanMismatchError("dcplan: a compact plan's fqn table is damaged")
+    kinds = a["kind"].tolist()
+    wtypes = [_TYPES[t] for t in a["wtype"].tolist()]
+    fids = a["fid"].tolist()
+    pids = a["pid"].tolist()
+    ndims = a["ndim"].tolist()
+    hints_arr = a["hint"].tolist()
+    hints: list[Any] = [None if h < 0 else h for h in hints_arr] if hints_arr else [None] * len(fids)
+    nbytes = a["nbytes"].tolist()
+    ints = a["ints"].tolist()
+    raw = dict(wire.raw)
+    props = wire.props
+    sizes_cache: dict[tuple[int, ...], torch.Size] = {}
+    zeros: dict[int, torch.Size] = {}
+    out: list[WriteItem] = []
+    append = out.append
+    e = t = b = ip = 0
+    for pos, k in enumerate(kinds):
+        if k == _RAW:
+            append(raw[pos])
+            continue
+        fqn, wt, hint = names[fids[e]], wtypes[e], hints[e]
+        e += 1
+        if k == _BYTES:
+            nb = nbytes[b]
+            b += 1
+            bio = None if nb < 0 or not _HAS_BIO else BytesIOWriteData(nbytes=nb)
+            append(_make_item(fqn, None, hint, wt, None, bio))
+            continue
+        nd = ndims[t]
+        p = props[pids[t]]
+        t += 1
+        key = tuple(ints[ip : ip + nd])
+        size = sizes_cache.get(key)
+        if size is None:
+            size = sizes_cache[key] = torch.Size(key)
+        ip += nd
+        if k == _WHOLE:
+            offs = zeros.get(nd)
+            if offs is None:
+                offs = zeros[nd] = torch.Size([0] * nd)
+            append(_make_item(fqn, offs, hint, wt, _make_td(size, offs, size, p), None))
+        else:
+            offs = torch.Size(ints[ip : ip + nd])
+            sizes = torch.Size(ints[ip + nd : ip + 2 * nd])
+            ip += 2 * nd
+            append(_make_item(fqn, offs, hint, wt, _make_td(size, offs, sizes, p), None))
+    if len(out) != wire.n:
+        raise PlanMismatchError("dcplan: a compact plan decoded to the wrong number of items")
+    return out
+
+
+# ---------------------------------------------------------------- gathered
+@attrs.frozen
+class LocalMsg:
+    """What a rank sends in ``SavePlan.planner_data`` (with ``items=[]``).
+
+    :param payload: the rank's ``RankPayload``; when ``ref`` is set its
+        ``mapping`` and ``agreement`` are left out (they are ``ref``'s).
+    :param wire: the rank's items, or ``None`` when ``ref`` is set.
+    :param ref: the lowest rank whose plan, mapping and agreement are exactly
+        this rank's (agreed by :mod:`dcplan.save.exchange`).
+    """
+
+    payload: Any
+    wire: WirePlan | None = None
+    ref: int | None = None
+
+
+def pack_local(plan: SavePlan, payload: Any, wire: WirePlan | None, ref: int | None) -> SavePlan:
+    """The plan to return from ``create_local_plan``: no items, a :class:`LocalMsg`."""
+    if ref is not None:
+        payload = attrs.evolve(payload, mapping=None, agreement=())
+        wire = None
+    elif wire is None:
+        wire = encode_items(plan.items)
+    return compat.replace_plan(plan, items=[], planner_data=LocalMsg(payload=payload, wire=wire, ref=ref))
+
+
+def unpack_gathered(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
+    """Full plans (items and ``RankPayload``) from what the coordinator gathered.
+
+    Ranks that sent a reference share the referenced rank's item list (one
+    decode per distinct plan); plans that are not compact pass through.
+    """
+    out: list[SavePlan] = []
+    for r, plan in enumerate(all_plans):
+        msg = plan.planner_data
+        if not isinstance(msg, LocalMsg):
+            out.append(plan)
+            continue
+        if msg.ref is not None:
+            if not (0 <= msg.ref < r) or not isinstance(all_plans[msg.ref].planner_data, LocalMsg):
+                raise PlanMismatchError(
+                    f"dcplan: rank {r} referred to rank {msg.ref}'s plan, which the coordinator did not receive; "
+                    "the planner's process group differs from the one dcp.save uses. Pass the same "
+                    "process_group to dcplan.SavePlanner and dcp.save"
+                )
+            src = out[msg.ref]
+            payload = attrs.evolve(msg.payload, mapping=src.planner_data.mapping, agreement=src.planner_data.agreement)
+            out.append(compat.replace_plan(plan, items=src.items, planner_data=payload))
+            continue
+        if msg.wire is None:
+            raise PlanMismatchError(f"dcplan: rank {r} sent neither a plan nor a reference")
+        out.append(compat.replace_plan(plan, items=decode_items(msg.wire), planner_data=msg.payload))
+    return out
+
+
+# ---------------------------------------------------------------- scattered
+@attrs.frozen
+class FinalMsg:
+    """A rank's final plan as the coordinator scatters it (in ``planner_data``, ``items=[]``).
+
+    :param planner_data: the final plan's own ``planner_data``.
+    :param n: number of items.
+    :param cols: ``(name, dtype, count)`` of ``pos``/``hint``/``where`` in ``blob``.
+    :param blob: ``pos``: each item's position in the local plan the rank sent,
+        ``hint``: its index hint (-1: none), ``where``: positions (in the final
+        plan) of the items in ``extra``.
+    :param extra: items that are not a local item with a new hint.
+    """
+
+    planner_data: Any
+    n: int
+    cols: tuple[tuple[str, str, int], ...]
+    blob: bytes
+    extra: WirePlan | None = None
+    version: int = WIRE_VERSION
+
+
+_KEY = operator.attrgetter("index.fqn", "index.offset")
+_TD = operator.attrgetter("tensor_data")
+_TYPE = operator.attrgetter("type")
+_HINT = operator.attrgetter("index.index")
+
+
+class _Absent:
+    """Stands for a local item that does not exist: matches nothing."""
+
+    tensor_data = type = bytes_io_data = object()
+
+
+_ABSENT = _Absent()
+
+
+def _bio(item: Any) -> Any:
+    return getattr(item, "bytes_io_data", None)
+
+
+def _final_msg(final: SavePlan, local: Sequence[WriteItem], lookup: dict[Any, int]) -> SavePlan:
+    items = final.items
+    pos = list(map(lookup.get, map(_KEY, items)))
+    ok = [p is not None for p in pos]
+    if any(ok):
+        base = [local[p] if p is not None else _ABSENT for p in pos]
+        same = list(map(operator.is_, map(_TD, items), map(_TD, base)))
+        same_t = list(map(operator.is_, map(_TYPE, items), map(_TYPE, base)))
+        if _HAS_BIO:
+            same_b = list(map(operator.is_, map(_bio, items), map(_bio, base)))
+        else:
+            same_b = same
+        ok = [o and a and b and c and type(i) is type(j) for o, a, b, c, i, j in zip(ok, same, same_t, same_b, items, base)]
+    where = [i for i, o in enumerate(ok) if not o]
+    extra = encode_items([items[i] for i in where]) if where else None
+    hints = [-1 if h is None else h for h in map(_HINT, items)]
+    if any(type(h) is not int or h < -1 for h in hints):
+        return final  # a hint we cannot express: send the plan as it is
+    cols, blob = _pack(
+        {
+            "pos": _small([p if o else 0 for p, o in zip(pos, ok)]),
+            "hint": _small(hints) if any(h >= 0 for h in hints) else np.zeros(0, np.uint8),
+            "where": _small(where),
+        }
+    )
+    msg = FinalMsg(planner_data=final.planner_data, n=len(items), cols=cols, blob=blob, extra=extra)
+    return compat.replace_plan(final, items=[], planner_data=msg)
+
+
+def pack_final(final_plans: Sequence[SavePlan], local_plans: Sequence[SavePlan]) -> list[SavePlan]:
+    """Compact forms of the final plans, against the local plans the ranks sent.
+
+    ``local_plans[r]`` must list rank ``r``'s items in the order it sent them
+    (what :func:`unpack_gathered` returned). Plans without items pass through.
+    """
+    lookups: dict[int, dict[Any, int]] = {}  # per item list of this call (ranks sharing a plan share it)
+    out = []
+    for final, local in zip(final_plans, local_plans):
+        if not final.items:
+            out.append(final)
+            continue
+        litems = local.items
+        lookup = lookups.get(id(litems))
+        if lookup is None:
+            lookup = lookups[id(litems)] = dict(zip(map(_KEY, litems), range(len(litems))))
+        out.append(_final_msg(final, litems, lookup))
+    return out
+
+
+def _with_hint(item: WriteItem, hint: int | None) -> WriteItem:
+    if item.index.index == hint:
+        return item
+    if hint is not None:
+        return compat.with_index_hint(item, hint)
+    return dataclasses.replace(item, index=dataclasses.replace(item.index, index=None))
+
+
+def unpack_final(plan: SavePlan, local_items: Sequence[WriteItem]) -> SavePlan:
+    """The ordinary final plan from a scattered one (``local_items``: what this rank sent)."""
+    msg = plan.planner_data
+    if not isinstance(msg, FinalMsg):
+        return plan
+    if msg.version != WIRE_VERSION:
+        raise PlanMismatchError("dcplan: the coordinator runs another dcplan version; install the same everywhere")
+    a = _unpack(msg.cols, msg.blob)
+    pos = a["pos"].tolist()
+    hints_l = a["hint"].tolist()
+    hints: list[Any] = [None if h < 0 else h for h in hints_l] if hints_l else [None] * msg.n
+    where = a["where"].tolist()
+    skip = set(where)
+    if any(p >= len(local_items) for i, p in enumerate(pos) if i not in skip):
+        raise PlanMismatchError(
+            "dcplan: the coordinator's final plan refers to items this rank did not send; the planner's "
+            "process group differs from the one dcp.save uses"
+        )
+    items: list[WriteItem] = [
+        _with_hint(local_items[p], h) if i not in skip else None  # type: ignore[misc]
+        for i, (p, h) in enumerate(zip(pos, hints))
+    ]
+    if where and msg.extra is not None:
+        for i, it in zip(where, decode_items(msg.extra)):
+            items[i] = it
+    return compat.replace_plan(plan, items=items, planner_data=msg.planner_data)
+
+
+def is_compact(all_plans: Sequence[SavePlan]) -> bool:
+    """Whether the ranks sent compact plans (they then read compact final plans too)."""
+    return any(isinstance(p.planner_data, LocalMsg) for p in all_plans)
