@@ -39,8 +39,11 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import array
+import struct
+import sys
+
 import attrs
-import numpy as np
 import torch
 
 from dcplan import compat
@@ -53,6 +56,7 @@ from dcplan.compat import (
     WriteItemType,
 )
 from dcplan.errors import PlanMismatchError
+from dcplan.gcpause import paused_gc
 
 __all__ = [
     "WirePlan",
@@ -92,56 +96,81 @@ class WirePlan:
     """A list of ``WriteItem`` in columns (see the module docstring).
 
     :param n: number of items.
-    :param cols: ``(name, dtype, count)`` of each array packed in ``blob``.
-    :param blob: the arrays, concatenated and ``zlib``-compressed.
+    :param blob: the columns (see :func:`encode_items`), packed by :func:`_pack`.
     :param props: the distinct ``TensorProperties`` (the ``pid`` column indexes it).
     :param raw: ``(position, item)`` of items kept as themselves.
     """
 
     n: int
-    cols: tuple[tuple[str, str, int], ...]
     blob: bytes
     props: tuple[Any, ...] = ()
     raw: tuple[tuple[int, Any], ...] = ()
     version: int = WIRE_VERSION
 
+    def __reduce__(self) -> tuple[Any, ...]:  # a tuple on the wire, no field names
+        return (WirePlan, (self.n, self.blob, self.props, self.raw, self.version))
+
     def digest(self, *extra: Any) -> bytes:
         """16 bytes that are equal for equal encodings (plus ``extra``, pickled)."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(repr((self.n, self.cols, self.version)).encode())
+        h.update(repr((self.n, self.version)).encode())
         h.update(self.blob)
         h.update(pickle.dumps((self.props, self.raw, extra), protocol=4))
         return h.digest()
 
 
-def _small(values: Sequence[int], signed: bool = False) -> np.ndarray:
-    """``values`` as the narrowest integer array that holds them."""
-    arr = np.asarray(values, dtype=np.int64)
-    if not len(arr):
-        return arr.astype(np.uint8)
-    lo, hi = int(arr.min()), int(arr.max())
-    for dt in (np.uint8, np.uint16, np.uint32) if lo >= 0 else ():
-        if hi <= np.iinfo(dt).max:
-            return arr.astype(dt)
-    if np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
-        return arr.astype(np.int32)
-    return arr
+_CODES = ("B", "H", "I", "Q")
 
 
-def _pack(arrays: dict[str, np.ndarray]) -> tuple[tuple[tuple[str, str, int], ...], bytes]:
-    cols = tuple((name, a.dtype.str, int(a.size)) for name, a in arrays.items())
-    data = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
-    return cols, zlib.compress(data, 1)
+def _column(values: Sequence[int] | bytes) -> tuple[bytes, bytes]:
+    """(header, data) of one column: the narrowest unsigned array type that holds it, or signed 'q'."""
+    if isinstance(values, bytes):
+        return struct.pack("<cI", b"b", len(values)), values
+    if not values:
+        return struct.pack("<cI", b"B", 0), b""
+    lo, hi = min(values), max(values)
+    code = "q"
+    if lo >= 0:
+        for c in _CODES:
+            if hi < 1 << (8 * array.array(c).itemsize):
+                code = c
+                break
+    arr = array.array(code, values)
+    if sys.byteorder != "little":  # pragma: no cover
+        arr.byteswap()
+    return struct.pack("<cI", code.encode(), len(arr)), arr.tobytes()
 
 
-def _unpack(cols: Sequence[tuple[str, str, int]], blob: bytes) -> dict[str, np.ndarray]:
-    data = zlib.decompress(blob)
-    out: dict[str, np.ndarray] = {}
-    at = 0
-    for name, dt, count in cols:
-        dtype = np.dtype(dt)
-        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=at)
-        at += dtype.itemsize * count
+def _pack(columns: Sequence[Sequence[int] | bytes]) -> bytes:
+    """Columns of non-negative ints (or bytes) in one ``bytes``; ``zlib`` when it pays."""
+    parts = [_column(c) for c in columns]
+    data = b"".join(h for h, _ in parts) + b"".join(d for _, d in parts)
+    if len(data) > 128:
+        return b"z" + zlib.compress(data, 1)
+    return b"-" + data
+
+
+def _unpack(blob: bytes, k: int) -> list[Any]:
+    """The ``k`` columns :func:`_pack` packed (lists of ints; ``bytes`` for a bytes column)."""
+    try:
+        data = zlib.decompress(blob[1:]) if blob[:1] == b"z" else blob[1:]
+        head = struct.unpack_from("<" + "cI" * k, data)
+        at = struct.calcsize("<" + "cI" * k)
+        out: list[Any] = []
+        for code, count in zip(head[::2], head[1::2]):
+            if code == b"b":
+                out.append(data[at : at + count])
+                at += count
+                continue
+            arr = array.array(code.decode())
+            size = arr.itemsize * count
+            arr.frombytes(data[at : at + size])
+            if sys.byteorder != "little":  # pragma: no cover
+                arr.byteswap()
+            at += size
+            out.append(arr.tolist())
+    except (zlib.error, struct.error, ValueError) as exc:
+        raise PlanMismatchError(f"dcplan: a compact plan is damaged ({exc}); mixed dcplan versions?") from None
     if at != len(data):
         raise PlanMismatchError("dcplan: a compact plan's columns do not match its data (mixed dcplan versions?)")
     return out
@@ -220,20 +249,9 @@ def encode_items(items: Sequence[WriteItem]) -> WirePlan:
         ndim.append(len(vals) if k == _WHOLE else len(vals) // 3)
         ints.extend(vals)
     names = "\x00".join(fqn_ids).encode("utf-8", "surrogatepass")
-    arrays = {
-        "kind": np.asarray(kind, dtype=np.uint8),
-        "wtype": np.asarray(wtype, dtype=np.uint8),
-        "fid": _small(fid),
-        "pid": _small(pid),
-        "ndim": np.asarray(ndim, dtype=np.uint8) if max(ndim, default=0) < 256 else _small(ndim),
-        "hint": _small(hint) if any(h >= 0 for h in hint) else np.zeros(0, np.uint8),
-        "nbytes": _small(nbytes),
-        "ints": _small(ints),
-        "names": np.frombuffer(names, dtype=np.uint8),
-        "nnames": np.asarray([len(fqn_ids)], dtype=np.int64),
-    }
-    cols, blob = _pack(arrays)
-    return WirePlan(n=len(items), cols=cols, blob=blob, props=tuple(props), raw=tuple(raw))
+    hints = [h + 1 for h in hint] if any(h >= 0 for h in hint) else []
+    blob = _pack([kind, wtype, fid, pid, ndim, hints, [n + 1 for n in nbytes], ints, names, [len(fqn_ids)]])
+    return WirePlan(n=len(items), blob=blob, props=tuple(props), raw=tuple(raw))
 
 
 def _by_dict_ok() -> bool:
@@ -299,20 +317,13 @@ def decode_items(wire: WirePlan) -> list[WriteItem]:
         raise PlanMismatchError(
             "dcplan: a rank sent a plan in another wire format; install the same dcplan version on every rank"
         )
-    a = _unpack(wire.cols, wire.blob)
-    nnames = int(a["nnames"][0])
-    names = bytes(a["names"]).decode("utf-8", "surrogatepass").split("\x00") if nnames else []
+    kinds, wt_nos, fids, pids, ndims, hints_arr, nbytes1, ints, names_b, (nnames,) = _unpack(wire.blob, 10)
+    names = names_b.decode("utf-8", "surrogatepass").split("\x00") if nnames else []
     if len(names) != nnames:
         raise PlanMismatchError("dcplan: a compact plan's fqn table is damaged")
-    kinds = a["kind"].tolist()
-    wtypes = [_TYPES[t] for t in a["wtype"].tolist()]
-    fids = a["fid"].tolist()
-    pids = a["pid"].tolist()
-    ndims = a["ndim"].tolist()
-    hints_arr = a["hint"].tolist()
-    hints: list[Any] = [None if h < 0 else h for h in hints_arr] if hints_arr else [None] * len(fids)
-    nbytes = a["nbytes"].tolist()
-    ints = a["ints"].tolist()
+    wtypes = [_TYPES[t] for t in wt_nos]
+    hints: list[Any] = [None if h == 0 else h - 1 for h in hints_arr] if hints_arr else [None] * len(fids)
+    nbytes = [n - 1 for n in nbytes1]
     raw = dict(wire.raw)
     props = wire.props
     sizes_cache: dict[tuple[int, ...], torch.Size] = {}
@@ -371,6 +382,9 @@ class LocalMsg:
     wire: WirePlan | None = None
     ref: int | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LocalMsg, (self.payload, self.wire, self.ref))
+
 
 def pack_local(plan: SavePlan, payload: Any, wire: WirePlan | None, ref: int | None) -> SavePlan:
     """The plan to return from ``create_local_plan``: no items, a :class:`LocalMsg`."""
@@ -388,6 +402,11 @@ def unpack_gathered(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
     Ranks that sent a reference share the referenced rank's item list (one
     decode per distinct plan); plans that are not compact pass through.
     """
+    with paused_gc():
+        return _unpack_gathered(all_plans)
+
+
+def _unpack_gathered(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
     out: list[SavePlan] = []
     for r, plan in enumerate(all_plans):
         msg = plan.planner_data
@@ -418,19 +437,20 @@ class FinalMsg:
 
     :param planner_data: the final plan's own ``planner_data``.
     :param n: number of items.
-    :param cols: ``(name, dtype, count)`` of ``pos``/``hint``/``where`` in ``blob``.
-    :param blob: ``pos``: each item's position in the local plan the rank sent,
-        ``hint``: its index hint (-1: none), ``where``: positions (in the final
-        plan) of the items in ``extra``.
+    :param blob: three columns: ``pos``, each item's position in the local plan
+        the rank sent; ``hint``, its index hint + 1 (0: none; empty: no hints);
+        ``where``, positions (in the final plan) of the items in ``extra``.
     :param extra: items that are not a local item with a new hint.
     """
 
     planner_data: Any
     n: int
-    cols: tuple[tuple[str, str, int], ...]
     blob: bytes
     extra: WirePlan | None = None
     version: int = WIRE_VERSION
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FinalMsg, (self.planner_data, self.n, self.blob, self.extra, self.version))
 
 
 _KEY = operator.attrgetter("index.fqn", "index.offset")
@@ -470,14 +490,14 @@ def _final_msg(final: SavePlan, local: Sequence[WriteItem], lookup: dict[Any, in
     hints = [-1 if h is None else h for h in map(_HINT, items)]
     if any(type(h) is not int or h < -1 for h in hints):
         return final  # a hint we cannot express: send the plan as it is
-    cols, blob = _pack(
-        {
-            "pos": _small([p if o else 0 for p, o in zip(pos, ok)]),
-            "hint": _small(hints) if any(h >= 0 for h in hints) else np.zeros(0, np.uint8),
-            "where": _small(where),
-        }
+    blob = _pack(
+        [
+            [p if o else 0 for p, o in zip(pos, ok)] if where else pos,
+            [h + 1 for h in hints] if any(h >= 0 for h in hints) else [],
+            where,
+        ]
     )
-    msg = FinalMsg(planner_data=final.planner_data, n=len(items), cols=cols, blob=blob, extra=extra)
+    msg = FinalMsg(planner_data=final.planner_data, n=len(items), blob=blob, extra=extra)
     return compat.replace_plan(final, items=[], planner_data=msg)
 
 
@@ -487,6 +507,11 @@ def pack_final(final_plans: Sequence[SavePlan], local_plans: Sequence[SavePlan])
     ``local_plans[r]`` must list rank ``r``'s items in the order it sent them
     (what :func:`unpack_gathered` returned). Plans without items pass through.
     """
+    with paused_gc():
+        return _pack_final(final_plans, local_plans)
+
+
+def _pack_final(final_plans: Sequence[SavePlan], local_plans: Sequence[SavePlan]) -> list[SavePlan]:
     lookups: dict[int, dict[Any, int]] = {}  # per item list of this call (ranks sharing a plan share it)
     out = []
     for final, local in zip(final_plans, local_plans):
@@ -516,11 +541,8 @@ def unpack_final(plan: SavePlan, local_items: Sequence[WriteItem]) -> SavePlan:
         return plan
     if msg.version != WIRE_VERSION:
         raise PlanMismatchError("dcplan: the coordinator runs another dcplan version; install the same everywhere")
-    a = _unpack(msg.cols, msg.blob)
-    pos = a["pos"].tolist()
-    hints_l = a["hint"].tolist()
-    hints: list[Any] = [None if h < 0 else h for h in hints_l] if hints_l else [None] * msg.n
-    where = a["where"].tolist()
+    pos, hints_l, where = _unpack(msg.blob, 3)
+    hints: list[Any] = [None if h == 0 else h - 1 for h in hints_l] if hints_l else [None] * msg.n
     skip = set(where)
     if any(p >= len(local_items) for i, p in enumerate(pos) if i not in skip):
         raise PlanMismatchError(
