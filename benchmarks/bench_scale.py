@@ -105,7 +105,9 @@ def simulate_ranks(plans: list[Any]) -> dict[str, Any]:
             secs = time.perf_counter() - t0
             rank_secs = max(rank_secs, secs)
             encoded[r] = (enc, pd, secs)
-        digests.append(encoded[g][0].digest({}, agreement) if g == r else digests[g])
+            digests.append(d)
+        else:
+            digests.append(digests[g])
     refs = exchange.refs_from(digests)
     sent, sizes, torch_sizes, torch_plans = [], [], [], []
     size_of: dict[tuple[int, bool], int] = {}
@@ -159,9 +161,10 @@ def bench(layout: str, model: str, world: int | None, memory: bool, with_torch: 
     wl = make(layout, model, world)
     entries = wl.entries
     sim = simulate_ranks(wl.plans)
-    received = pickle.loads(pickle.dumps(sim["sent"]))  # what the coordinator unpickles
     planner = SavePlanner(report=False)
-    secs, (delta, _md), peak = _timed(lambda: planner.create_global_plan(received), False)
+    received = pickle.loads(pickle.dumps(sim["sent"]))  # what the coordinator unpickles
+    secs, (delta, _md), _ = _timed(lambda: planner.create_global_plan(received), False)
+    received = None
     scattered = sum(len(pickle.dumps(p)) for p in delta)
     del delta, _md
     row: dict[str, Any] = {
@@ -178,11 +181,10 @@ def bench(layout: str, model: str, world: int | None, memory: bool, with_torch: 
         },
     }
     if memory:
-        received = pickle.loads(pickle.dumps(sim["sent"]))
-        _, out, peak = _timed(lambda: SavePlanner(report=False).create_global_plan(received), True)
-        del out
+        again = pickle.loads(pickle.dumps(sim["sent"]))
+        _, out, peak = _timed(lambda: SavePlanner(report=False).create_global_plan(again), True)
+        del out, again
         row["dcplan"]["peak_bytes"] = peak
-    del received
     if with_torch and entries <= TORCH_MAX_ENTRIES:
         tplanner = compat.torch_default_save_planner()
         tsecs, (tglobal, _tmd), _ = _timed(lambda: compat.torch_create_global_plan(tplanner, sim["torch_plans"]), False)

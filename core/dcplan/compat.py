@@ -78,7 +78,7 @@ except ImportError:  # pragma: no cover - torch 2.4
     from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fields(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(cls))
 

@@ -31,17 +31,16 @@ why the planner only uses this form with writers known not to read items there
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import operator
 import pickle
+import struct
+import sys
 import zlib
 from collections.abc import Sequence
 from typing import Any
-
-import array
-import struct
-import sys
 
 import attrs
 import torch
