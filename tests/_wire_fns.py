@@ -70,3 +70,39 @@ def save_load(rank: int, world: int, path: str, kind: str, planner: str, group: 
     if planner == "dcplan":
         out["written"] = sorted((i.index.fqn, tuple(i.index.offset or ())) for i in p.plan.items)
     return out
+
+
+def store_save(rank: int, world: int, path: str, store_dir: str, extra: bool = False) -> dict[str, Any]:
+    """A save with ``plan_cache_dir``; returns the store's outcome, the bytes and both reloads."""
+    import logging
+
+    records: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = _Keep()
+    logging.getLogger("dcplan").addHandler(handler)
+    logging.getLogger("dcplan").setLevel(logging.INFO)
+    try:
+        state = _state("sharded", 0)
+        state.pop("local")
+        if extra:
+            state["model"]["added"] = torch.ones(2)
+        p = dcplan.SavePlanner(plan_cache_dir=store_dir, report=False)
+        with counting() as count:
+            dcp.save(state, checkpoint_id=path, planner=p)
+    finally:
+        logging.getLogger("dcplan").removeHandler(handler)
+    out: dict[str, Any] = {"count": count.to_dict(), "outcome": p.plan_store.outcome if p.plan_store else None}
+    out["log"] = [m for m in records if "plan store" in m]
+    for loader in ("dcplan", "torch"):
+        fresh = _state("sharded", 1)
+        fresh.pop("local")
+        if extra:
+            fresh["model"]["added"] = torch.zeros(2)
+        lp = dcplan.LoadPlanner() if loader == "dcplan" else compat.torch_default_load_planner()
+        dcp.load(fresh, checkpoint_id=path, planner=lp)
+        out[f"equal_{loader}"] = _flat(state) == _flat(fresh)
+    return out

@@ -105,11 +105,32 @@ def refs_from(digests: Sequence[bytes]) -> list[int | None]:
     return refs
 
 
-def send_plan(plan: Any, how: ExchangePlan, failed: bool = False) -> Any:
+def _store_says_hit(store: Any, digests: Sequence[bytes], how: ExchangePlan) -> bool:
+    """Coordinator (group rank 0) checks the persistent store; the answer is broadcast to all."""
+    import torch.distributed as dist
+
+    flag: list[Any] = [False]
+    if dist.get_rank(how.group) == 0:
+        try:
+            flag[0] = bool(store.check(digests))
+        except Exception as exc:  # noqa: BLE001 - a broken store is a miss, never a hang
+            log.warning("dcplan plan store: check failed (%s: %s); planning from scratch", type(exc).__name__, exc)
+            flag[0] = False
+    src = 0 if how.group is None else dist.get_global_rank(how.group, 0)
+    dist.broadcast_object_list(flag, src=src, group=how.group)
+    return bool(flag[0])
+
+
+def send_plan(plan: Any, how: ExchangePlan, failed: bool = False, store: Any = None) -> Any:
     """What this rank returns from ``create_local_plan`` (``plan`` carries its ``RankPayload``).
 
     With ``failed`` (local planning raised), only takes part in the digest
     exchange, so that peers do not wait for it, and returns ``None``.
+
+    ``store``: this rank's :class:`dcplan.save.store.PlanStore` (``plan_cache_dir``)
+    or ``None``. When every rank has one, the coordinator checks it against the
+    exchanged digests and, on a match, every rank sends only a marker. The
+    digests are left in ``store.digests`` for the coordinator to record the plan.
     """
     from dcplan.save import wire
 
@@ -127,9 +148,16 @@ def send_plan(plan: Any, how: ExchangePlan, failed: bool = False) -> Any:
         if how.exchange:
             exchange_digests(FAILED, how.group)
         raise
-    ref = None
-    if how.exchange:
-        import torch.distributed as dist
+    if not how.exchange:
+        return wire.pack_local(plan, payload, encoded, None)
+    import torch.distributed as dist
 
-        ref = refs_from(exchange_digests(digest, how.group))[dist.get_rank(how.group)]
+    gathered = exchange_digests(digest + (b"s" if store is not None else b"-"), how.group)
+    digests = [d[:-1] if d != FAILED else FAILED for d in gathered]
+    stores_on = all(d != FAILED and d[-1:] == b"s" for d in gathered)
+    if store is not None:
+        store.digests = digests
+    if stores_on and _store_says_hit(store, digests, how):
+        return wire.pack_local(plan, payload, None, None, stored=True)
+    ref = refs_from(digests)[dist.get_rank(how.group)]
     return wire.pack_local(plan, payload, encoded, ref)

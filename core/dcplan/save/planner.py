@@ -24,6 +24,7 @@ from dcplan.errors import PlanMismatchError, PlanValidationError
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 from dcplan.save import exchange, wire
 from dcplan.save.local import plan_digest
+from dcplan.save.store import PlanStore
 
 __all__ = ["SavePlanner", "RankPayload"]
 
@@ -85,6 +86,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self._local_chunks: dict[str, list[tuple[Any, MetadataIndex]]] = {}
         self.process_group = process_group
         self._sent_items: list[WriteItem] = []
+        self.plan_store: PlanStore | None = None
         self.cache: Any = None
         if self.config.plan_cache:
             from dcplan.save.cache import PlanCache
@@ -127,10 +129,11 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         how = exchange.resolve(self.process_group, compat.dcp_save_context())
         try:
             plan = self._create_local_plan()
+            self.plan_store = PlanStore.for_planner(self) if how.exchange else None
         except BaseException:
             exchange.send_plan(None, how, failed=True)  # peers must not wait for this rank
             raise
-        return exchange.send_plan(plan, how)  # type: ignore[no-any-return]
+        return exchange.send_plan(plan, how, store=self.plan_store)  # type: ignore[no-any-return]
 
     def _create_local_plan(self) -> SavePlan:
         t0 = time.perf_counter()
@@ -175,6 +178,11 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
         t0 = time.perf_counter()
+        if wire.all_stored(all_plans) and self.plan_store is not None:  # persistent store hit
+            delta, self.metadata = self.plan_store.replay()
+            self.global_plan, self.report = delta, None
+            self.timings["global"] = time.perf_counter() - t0
+            return delta, self.metadata
         compact = wire.is_compact(all_plans)
         all_plans = wire.unpack_gathered(all_plans)
         payloads = []
@@ -204,6 +212,8 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             delta = global_plan
         if compact:
             delta = wire.pack_final(delta, local_plans)
+            if self.plan_store is not None:
+                self.plan_store.record(self.plan_store.digests, delta, metadata)
         self.global_plan = global_plan
         self.metadata = metadata
         self.timings["global"] = time.perf_counter() - t0

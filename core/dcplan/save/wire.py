@@ -375,18 +375,26 @@ class LocalMsg:
     :param wire: the rank's items, or ``None`` when ``ref`` is set.
     :param ref: the lowest rank whose plan, mapping and agreement are exactly
         this rank's (agreed by :mod:`dcplan.save.exchange`).
+    :param stored: the coordinator's persistent plan store holds this save's
+        plan (:mod:`dcplan.save.store`): nothing else is sent.
     """
 
     payload: Any
     wire: WirePlan | None = None
     ref: int | None = None
+    stored: bool = False
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (LocalMsg, (self.payload, self.wire, self.ref))
+        return (LocalMsg, (self.payload, self.wire, self.ref, self.stored))
 
 
-def pack_local(plan: SavePlan, payload: Any, wire: WirePlan | None, ref: int | None) -> SavePlan:
+def pack_local(
+    plan: SavePlan, payload: Any, wire: WirePlan | None, ref: int | None, stored: bool = False
+) -> SavePlan:
     """The plan to return from ``create_local_plan``: no items, a :class:`LocalMsg`."""
+    if stored:
+        msg = LocalMsg(payload=attrs.evolve(payload, mapping=None, agreement=()), stored=True)
+        return compat.replace_plan(plan, items=[], planner_data=msg)
     if ref is not None:
         payload = attrs.evolve(payload, mapping=None, agreement=())
         wire = None
@@ -424,7 +432,10 @@ def _unpack_gathered(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
             out.append(compat.replace_plan(plan, items=src.items, planner_data=payload))
             continue
         if msg.wire is None:
-            raise PlanMismatchError(f"dcplan: rank {r} sent neither a plan nor a reference")
+            raise PlanMismatchError(
+                f"dcplan: rank {r} sent {'a stored-plan marker' if msg.stored else 'neither a plan nor a reference'}"
+                " while other ranks sent plans; use the same plan_cache_dir and process group on every rank"
+            )
         out.append(compat.replace_plan(plan, items=decode_items(msg.wire), planner_data=msg.payload))
     return out
 
@@ -556,6 +567,13 @@ def unpack_final(plan: SavePlan, local_items: Sequence[WriteItem]) -> SavePlan:
         for i, it in zip(where, decode_items(msg.extra)):
             items[i] = it
     return compat.replace_plan(plan, items=items, planner_data=msg.planner_data)
+
+
+def all_stored(all_plans: Sequence[SavePlan]) -> bool:
+    """Whether every rank only sent a stored-plan marker."""
+    return bool(all_plans) and all(
+        isinstance(p.planner_data, LocalMsg) and p.planner_data.stored for p in all_plans
+    )
 
 
 def is_compact(all_plans: Sequence[SavePlan]) -> bool:
