@@ -288,6 +288,7 @@ def _new(cls: type, fields: dict[str, Any]) -> Any:
 
 
 _BY_DICT = _SIMPLE and _by_dict_ok()
+_CSM, _TWD, _MI, _WI = ChunkStorageMetadata, TensorWriteData, MetadataIndex, WriteItem
 
 
 def _make_item(fqn: str, offset: Any, hint: Any, wtype: Any, td: Any, bio: Any) -> WriteItem:
@@ -329,6 +330,7 @@ def decode_items(wire: WirePlan) -> list[WriteItem]:
     zeros: dict[int, torch.Size] = {}
     out: list[WriteItem] = []
     append = out.append
+    fast, new = _BY_DICT, object.__new__
     e = t = b = ip = 0
     for pos, k in enumerate(kinds):
         if k == _RAW:
@@ -354,11 +356,35 @@ def decode_items(wire: WirePlan) -> list[WriteItem]:
             offs = zeros.get(nd)
             if offs is None:
                 offs = zeros[nd] = torch.Size([0] * nd)
-            append(_make_item(fqn, offs, hint, wt, _make_td(size, offs, size, p), None))
+            sizes = size
         else:
             offs = torch.Size(ints[ip : ip + nd])
             sizes = torch.Size(ints[ip + nd : ip + 2 * nd])
             ip += 2 * nd
+        if fast:  # the same objects _make_item/_make_td build, without the calls (hot loop)
+            chunk = new(_CSM)
+            d = chunk.__dict__
+            d["offsets"] = offs
+            d["sizes"] = sizes
+            td = new(_TWD)
+            d = td.__dict__
+            d["chunk"] = chunk
+            d["properties"] = p
+            d["size"] = size
+            index = new(_MI)
+            d = index.__dict__
+            d["fqn"] = fqn
+            d["offset"] = offs
+            d["index"] = hint
+            item = new(_WI)
+            d = item.__dict__
+            d["index"] = index
+            d["type"] = wt
+            if _HAS_BIO:
+                d["bytes_io_data"] = None
+            d["tensor_data"] = td
+            append(item)
+        else:
             append(_make_item(fqn, offs, hint, wt, _make_td(size, offs, sizes, p), None))
     if len(out) != wire.n:
         raise PlanMismatchError("dcplan: a compact plan decoded to the wrong number of items")
@@ -464,8 +490,7 @@ class FinalMsg:
 
 
 _KEY = operator.attrgetter("index.fqn", "index.offset")
-_TD = operator.attrgetter("tensor_data")
-_TYPE = operator.attrgetter("type")
+_SIG = operator.attrgetter("__class__", "type", "tensor_data", *(["bytes_io_data"] if _HAS_BIO else []))
 _HINT = operator.attrgetter("index.index")
 
 
@@ -478,35 +503,24 @@ class _Absent:
 _ABSENT = _Absent()
 
 
-def _bio(item: Any) -> Any:
-    return getattr(item, "bytes_io_data", None)
-
-
 def _final_msg(final: SavePlan, local: Sequence[WriteItem], lookup: dict[Any, int]) -> SavePlan:
     items = final.items
     pos = list(map(lookup.get, map(_KEY, items)))
-    ok = [p is not None for p in pos]
-    if any(ok):
-        base = [local[p] if p is not None else _ABSENT for p in pos]
-        same = list(map(operator.is_, map(_TD, items), map(_TD, base)))
-        same_t = list(map(operator.is_, map(_TYPE, items), map(_TYPE, base)))
-        if _HAS_BIO:
-            same_b = list(map(operator.is_, map(_bio, items), map(_bio, base)))
-        else:
-            same_b = same
-        ok = [o and a and b and c and type(i) is type(j) for o, a, b, c, i, j in zip(ok, same, same_t, same_b, items, base)]
-    where = [i for i, o in enumerate(ok) if not o]
+    if None in pos or not _SIMPLE:
+        base = [local[p] if p is not None else _ABSENT for p in pos] if _SIMPLE else [_ABSENT] * len(items)
+    else:
+        base = list(map(local.__getitem__, pos))
+    # an item is "the local item at pos with a new hint" when its class, type, tensor data (and
+    # bytes size) are the local item's: identical objects short-circuit the comparison
+    ok = list(map(operator.eq, map(_SIG, items), map(_SIG, base)))
+    where = [i for i, o in enumerate(ok) if not o] if False in ok else []
     extra = encode_items([items[i] for i in where]) if where else None
-    hints = [-1 if h is None else h for h in map(_HINT, items)]
-    if any(type(h) is not int or h < -1 for h in hints):
-        return final  # a hint we cannot express: send the plan as it is
-    blob = _pack(
-        [
-            [p if o else 0 for p, o in zip(pos, ok)] if where else pos,
-            [h + 1 for h in hints] if any(h >= 0 for h in hints) else [],
-            where,
-        ]
-    )
+    hints = list(map(_HINT, items))
+    try:
+        hint_col = [0 if h is None else h + 1 for h in hints] if hints.count(None) != len(hints) else []
+        blob = _pack([[p if o else 0 for p, o in zip(pos, ok)] if where else pos, hint_col, where])
+    except (TypeError, OverflowError):  # a hint we cannot express: send the plan as it is
+        return final
     msg = FinalMsg(planner_data=final.planner_data, n=len(items), blob=blob, extra=extra)
     return compat.replace_plan(final, items=[], planner_data=msg)
 
