@@ -100,24 +100,24 @@ def simulate_ranks(plans: list[Any]) -> dict[str, Any]:
         if g == r:
             t0 = time.perf_counter()
             enc = wire.encode_items(p.items)
-            d = enc.digest({}, agreement)
             pd = plan_digest(p.items)
+            d = enc.digest() + exchange.meta_digest(RankPayload(mapping={}, agreement=agreement, digest=pd))
             secs = time.perf_counter() - t0
             rank_secs = max(rank_secs, secs)
             encoded[r] = (enc, pd, secs)
             digests.append(d)
         else:
             digests.append(digests[g])
-    refs = exchange.refs_from(digests)
+    refs, meta_refs = exchange.plan_refs(digests)
     sent, sizes, torch_sizes, torch_plans = [], [], [], []
     size_of: dict[tuple[int, bool], int] = {}
     for r, p in enumerate(plans):
         g = groups[tuple(map(id, p.items))]
         enc, pd, _ = encoded[g]
         payload = RankPayload(mapping={}, agreement=agreement, digest=pd)
-        msg = wire.pack_local(p, payload, enc, refs[r])
+        msg = wire.pack_local(p, payload, enc, refs[r], meta_ref=meta_refs[r])
         sent.append(msg)
-        key = (g, refs[r] is None)
+        key = (g, refs[r] is None, meta_refs[r] is None)
         if key not in size_of:
             size_of[key] = len(pickle.dumps(msg))
         sizes.append(size_of[key])

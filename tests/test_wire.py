@@ -88,19 +88,21 @@ def test_gathered_refs_rebuild_full_view():
     from dcplan.save.planner import RankPayload
 
     sent, digests = [], []
+    payload = RankPayload(mapping={"a": ("a",)}, agreement=("a",), digest=b"d")
     for p in plans:
         enc = wire.encode_items(p.items)
-        digests.append(enc.digest({}, ("a",)))
+        digests.append(enc.digest() + exchange.meta_digest(payload))
         sent.append((p, enc))
-    refs = exchange.refs_from(digests)
+    refs, meta_refs = exchange.plan_refs(digests)
     assert refs[:8] == [None] * 8 and refs[8:] == list(range(8))
+    assert meta_refs == [None] + [0] * 15
     gathered = [
-        wire.pack_local(p, RankPayload(mapping={}, agreement=("a",), digest=b"d"), enc, ref)
-        for (p, enc), ref in zip(sent, refs)
+        wire.pack_local(p, payload, enc, ref, meta_ref=mref)
+        for (p, enc), ref, mref in zip(sent, refs, meta_refs)
     ]
-    full = wire.unpack_gathered(pickle.loads(pickle.dumps(gathered)))
+    full = wire.unpack_gathered(pickle.loads(pickle.dumps(gathered)), RankPayload)
     assert [f.items for f in full] == [p.items for p in plans]
-    assert all(f.planner_data.agreement == ("a",) and f.planner_data.mapping == {} for f in full)
+    assert all(f.planner_data == payload for f in full)
 
 
 def test_failed_rank_is_never_a_reference():

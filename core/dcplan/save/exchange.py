@@ -93,7 +93,11 @@ def exchange_digests(digest: bytes, group: Any) -> list[bytes]:
 
 
 def refs_from(digests: Sequence[bytes]) -> list[int | None]:
-    """Per rank: the lowest rank with the same digest, or ``None`` (send the plan)."""
+    """Per rank: the lowest rank with the same digest, or ``None`` (send the plan).
+
+    A rank's digest is its encoded items' (16 bytes) followed by its mapping and
+    agreement's (:func:`meta_digest`, 16 bytes).
+    """
     first: dict[bytes, int] = {}
     refs: list[int | None] = []
     for r, d in enumerate(digests):
@@ -143,7 +147,8 @@ def send_plan(plan: Any, how: ExchangePlan, failed: bool = False, store: Any = N
     try:
         encoded = wire.encode_items(plan.items)
         payload = plan.planner_data
-        digest = encoded.digest(payload.mapping, payload.agreement) if how.exchange else FAILED
+        meta = meta_digest(payload) if how.exchange else b""
+        digest = encoded.digest() + meta if how.exchange else FAILED
     except BaseException:
         if how.exchange:
             exchange_digests(FAILED, how.group)
@@ -159,5 +164,19 @@ def send_plan(plan: Any, how: ExchangePlan, failed: bool = False, store: Any = N
         store.digests = digests
     if stores_on and _store_says_hit(store, digests, how):
         return wire.pack_local(plan, payload, None, None, stored=True)
-    ref = refs_from(digests)[dist.get_rank(how.group)]
-    return wire.pack_local(plan, payload, encoded, ref)
+    me = dist.get_rank(how.group)
+    refs, meta_refs = plan_refs(digests)
+    return wire.pack_local(plan, payload, encoded, refs[me], meta_ref=meta_refs[me])
+
+
+def plan_refs(digests: Sequence[bytes]) -> tuple[list[int | None], list[int | None]]:
+    """Per rank: the rank whose whole plan it refers to, and the rank whose mapping and agreement."""
+    return refs_from(digests), refs_from([d if d == FAILED else d[16:] for d in digests])
+
+
+def meta_digest(payload: Any) -> bytes:
+    """16 bytes for a payload's mapping and agreement (what ranks usually share)."""
+    import hashlib
+    import pickle
+
+    return hashlib.blake2b(pickle.dumps((payload.mapping, payload.agreement), protocol=4), digest_size=16).digest()

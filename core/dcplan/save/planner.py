@@ -184,7 +184,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             self.timings["global"] = time.perf_counter() - t0
             return delta, self.metadata
         compact = wire.is_compact(all_plans)
-        all_plans = wire.unpack_gathered(all_plans)
+        all_plans = wire.unpack_gathered(all_plans, RankPayload)
         payloads = []
         for r, p in enumerate(all_plans):
             if not isinstance(p.planner_data, RankPayload):

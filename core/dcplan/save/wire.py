@@ -396,73 +396,95 @@ def decode_items(wire: WirePlan) -> list[WriteItem]:
 class LocalMsg:
     """What a rank sends in ``SavePlan.planner_data`` (with ``items=[]``).
 
-    :param payload: the rank's ``RankPayload``; when ``ref`` is set its
-        ``mapping`` and ``agreement`` are left out (they are ``ref``'s).
+    :param payload: the field values of the rank's ``RankPayload``, in order
+        (a tuple: no class or field names on the wire); ``mapping`` and
+        ``agreement`` are left out (``None``, ``()``) when ``ref`` or
+        ``meta_ref`` is set.
     :param wire: the rank's items, or ``None`` when ``ref`` is set.
     :param ref: the lowest rank whose plan, mapping and agreement are exactly
         this rank's (agreed by :mod:`dcplan.save.exchange`).
+    :param meta_ref: the lowest rank whose mapping and agreement are this
+        rank's (its items differ).
     :param stored: the coordinator's persistent plan store holds this save's
         plan (:mod:`dcplan.save.store`): nothing else is sent.
     """
 
-    payload: Any
+    payload: tuple[Any, ...]
     wire: WirePlan | None = None
     ref: int | None = None
+    meta_ref: int | None = None
     stored: bool = False
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (LocalMsg, (self.payload, self.wire, self.ref, self.stored))
+        return (LocalMsg, (self.payload, self.wire, self.ref, self.meta_ref, self.stored))
+
+
+def _values(payload: Any, strip: bool) -> tuple[Any, ...]:
+    if strip:
+        payload = attrs.evolve(payload, mapping=None, agreement=())
+    return attrs.astuple(payload, recurse=False)
 
 
 def pack_local(
-    plan: SavePlan, payload: Any, wire: WirePlan | None, ref: int | None, stored: bool = False
+    plan: SavePlan,
+    payload: Any,
+    wire: WirePlan | None,
+    ref: int | None,
+    stored: bool = False,
+    meta_ref: int | None = None,
 ) -> SavePlan:
     """The plan to return from ``create_local_plan``: no items, a :class:`LocalMsg`."""
     if stored:
-        msg = LocalMsg(payload=attrs.evolve(payload, mapping=None, agreement=()), stored=True)
-        return compat.replace_plan(plan, items=[], planner_data=msg)
-    if ref is not None:
-        payload = attrs.evolve(payload, mapping=None, agreement=())
-        wire = None
-    elif wire is None:
-        wire = encode_items(plan.items)
-    return compat.replace_plan(plan, items=[], planner_data=LocalMsg(payload=payload, wire=wire, ref=ref))
+        msg = LocalMsg(payload=_values(payload, True), stored=True)
+    elif ref is not None:
+        msg = LocalMsg(payload=_values(payload, True), ref=ref)
+    else:
+        wire = encode_items(plan.items) if wire is None else wire
+        msg = LocalMsg(payload=_values(payload, meta_ref is not None), wire=wire, meta_ref=meta_ref)
+    return compat.replace_plan(plan, items=[], planner_data=msg)
 
 
-def unpack_gathered(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
-    """Full plans (items and ``RankPayload``) from what the coordinator gathered.
+def unpack_gathered(all_plans: Sequence[SavePlan], payload_cls: Any) -> list[SavePlan]:
+    """Full plans (items and ``payload_cls`` payloads) from what the coordinator gathered.
 
     Ranks that sent a reference share the referenced rank's item list (one
     decode per distinct plan); plans that are not compact pass through.
     """
     with paused_gc():
-        return _unpack_gathered(all_plans)
+        return _unpack_gathered(all_plans, payload_cls)
 
 
-def _unpack_gathered(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
+def _source(all_plans: Sequence[SavePlan], r: int, q: int) -> None:
+    if not (0 <= q < r) or not isinstance(all_plans[q].planner_data, LocalMsg):
+        raise PlanMismatchError(
+            f"dcplan: rank {r} referred to rank {q}'s plan, which the coordinator did not receive; "
+            "the planner's process group differs from the one dcp.save uses. Pass the same "
+            "process_group to dcplan.SavePlanner and dcp.save"
+        )
+
+
+def _unpack_gathered(all_plans: Sequence[SavePlan], payload_cls: Any) -> list[SavePlan]:
     out: list[SavePlan] = []
     for r, plan in enumerate(all_plans):
         msg = plan.planner_data
         if not isinstance(msg, LocalMsg):
             out.append(plan)
             continue
+        payload = payload_cls(*msg.payload)
+        q = msg.ref if msg.ref is not None else msg.meta_ref
+        if q is not None:
+            _source(all_plans, r, q)
+            src = out[q].planner_data
+            payload = attrs.evolve(payload, mapping=src.mapping, agreement=src.agreement)
         if msg.ref is not None:
-            if not (0 <= msg.ref < r) or not isinstance(all_plans[msg.ref].planner_data, LocalMsg):
-                raise PlanMismatchError(
-                    f"dcplan: rank {r} referred to rank {msg.ref}'s plan, which the coordinator did not receive; "
-                    "the planner's process group differs from the one dcp.save uses. Pass the same "
-                    "process_group to dcplan.SavePlanner and dcp.save"
-                )
-            src = out[msg.ref]
-            payload = attrs.evolve(msg.payload, mapping=src.planner_data.mapping, agreement=src.planner_data.agreement)
-            out.append(compat.replace_plan(plan, items=src.items, planner_data=payload))
+            out.append(compat.replace_plan(plan, items=out[msg.ref].items, planner_data=payload))
             continue
         if msg.wire is None:
             raise PlanMismatchError(
                 f"dcplan: rank {r} sent {'a stored-plan marker' if msg.stored else 'neither a plan nor a reference'}"
                 " while other ranks sent plans; use the same plan_cache_dir and process group on every rank"
             )
-        out.append(compat.replace_plan(plan, items=decode_items(msg.wire), planner_data=msg.payload))
+        out.append(compat.replace_plan(plan, items=decode_items(msg.wire), planner_data=payload))
     return out
 
 
