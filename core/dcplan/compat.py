@@ -131,7 +131,7 @@ _PLAN_BY_DICT = {c: _plan_copy_by_dict(c) for c in (SavePlan, LoadPlan)}
 def replace_plan(plan: _PlanT, **changes: Any) -> _PlanT:
     """``dataclasses.replace`` that drops fields this torch does not have (``usable``: 2.7+)."""
     cls = type(plan)
-    names = _fields(cls)
+    names = _fields(cls)  # type: ignore[arg-type]
     changes = {k: v for k, v in changes.items() if k in names}
     if _PLAN_BY_DICT.get(cls, False):  # 10x cheaper than dataclasses.replace (per rank, at 16k ranks)
         new = object.__new__(cls)
@@ -546,6 +546,7 @@ def dcp_save_context(max_depth: int = 16) -> tuple[Any, bool] | None:
 
     from torch.distributed.checkpoint.utils import _DistWrapper
 
+    frame: Any
     try:
         frame = sys._getframe(1)
     except (AttributeError, ValueError):  # pragma: no cover

@@ -85,7 +85,8 @@ def _dec_value(v: Any) -> Any:
         return v
     if "ints" in v:
         ints = [int(x) for x in v["ints"]]
-        return {"tuple": tuple, "list": list}.get(v.get("kind"), torch.Size)(ints)
+        make: Any = {"tuple": tuple, "list": list}.get(str(v.get("kind")), torch.Size)
+        return make(ints)
     for key, cls in _TORCH_KINDS.items():
         if key in v:
             obj = getattr(torch, str(v[key]), None)

@@ -219,7 +219,14 @@ def encode_items(items: Sequence[WriteItem]) -> WirePlan:
     fqn_ids: dict[str, int] = {}
     props: list[Any] = []
     prop_ids: dict[int, int] = {}
-    kind, wtype, fid, pid, ndim, hint, nbytes, ints = [], [], [], [], [], [], [], []
+    kind: list[int] = []
+    wtype: list[int] = []
+    fid: list[int] = []
+    pid: list[int] = []
+    ndim: list[int] = []
+    hint: list[int] = []
+    nbytes: list[int] = []
+    ints: list[int] = []
     raw: list[tuple[int, Any]] = []
     for pos, item in enumerate(items):
         k, vals, p, nb = _entry(item)
@@ -282,7 +289,7 @@ def _by_dict_ok() -> bool:
 
 
 def _new(cls: type, fields: dict[str, Any]) -> Any:
-    obj = object.__new__(cls)
+    obj: Any = object.__new__(cls)
     obj.__dict__.update(fields)
     return obj
 
@@ -527,7 +534,8 @@ _ABSENT = _Absent()
 
 def _final_msg(final: SavePlan, local: Sequence[WriteItem], lookup: dict[Any, int]) -> SavePlan:
     items = final.items
-    pos = list(map(lookup.get, map(_KEY, items)))
+    pos: list[Any] = list(map(lookup.get, map(_KEY, items)))
+    base: list[Any]
     if None in pos or not _SIMPLE:
         base = [local[p] if p is not None else _ABSENT for p in pos] if _SIMPLE else [_ABSENT] * len(items)
     else:
