@@ -106,3 +106,19 @@ def store_save(rank: int, world: int, path: str, store_dir: str, extra: bool = F
         dcp.load(fresh, checkpoint_id=path, planner=lp)
         out[f"equal_{loader}"] = _flat(state) == _flat(fresh)
     return out
+
+
+class _BrokenOnRank1(dcplan.SavePlanner):
+    def _create_local_plan(self) -> Any:
+        if dist.get_rank() == 1:
+            raise RuntimeError("broken local plan on rank 1")
+        return super()._create_local_plan()
+
+
+def local_failure(rank: int, world: int, path: str) -> str:
+    """Rank 1 fails in its local step: every rank must get the error (no rank waits in the exchange)."""
+    try:
+        dcp.save(_state("ddp", 0), checkpoint_id=path, planner=_BrokenOnRank1())
+    except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        return f"{type(exc).__name__}: {exc}"
+    return "saved"

@@ -51,3 +51,9 @@ def test_explicit_group_on_both_sides_exchanges(pool, tmp_path):
     assert all(r["equal_dcplan"] and r["equal_torch"] for r in res)
     assert all(r["count"]["exchanged"] > 0 for r in res)
     assert all(r["count"]["entries_sent"] == 0 for r in res[1:])
+
+
+def test_a_rank_failing_its_local_plan_fails_every_rank_without_a_hang(pool, tmp_path):
+    res = pool.run(F.local_failure, str(tmp_path / "c"))
+    assert all("broken local plan on rank 1" in r for r in res), res
+    assert not os.path.exists(tmp_path / "c" / ".metadata")
