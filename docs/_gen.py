@@ -77,7 +77,7 @@ def config_md() -> str:
         shown = "unset" if default is None else f"`{json.dumps(list(default) if isinstance(default, tuple) else default)}`"
         kind = {"tuple": "list of str", "dict": "table", "str": "str", "int": "int", "bool": "bool"}.get(
             _type_of(a.name), _type_of(a.name))
-        if a.name == "cache_namespace":
+        if a.name in ("cache_namespace", "plan_cache_dir"):
             kind = "str or unset"
         rows.append(
             f"| `{a.name}` | `{ENV_PREFIX}{a.name.upper()}` | {kind} | {shown} | {_cell(docs.get(a.name, ''))} |"

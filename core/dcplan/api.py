@@ -31,11 +31,12 @@ def _writer(path: Any, checksums: bool, sync_files: bool, writer_options: Mappin
 def _save_args(
     path: str | os.PathLike[str], planner: Any, config: Config | Mapping[str, Any] | None,
     checksums: bool, sync_files: bool, writer_options: Mapping[str, Any] | None, overrides: dict[str, Any],
+    process_group: Any = None,
 ) -> tuple[Any, Any]:
     from dcplan.save.planner import SavePlanner
 
     if planner is None:
-        planner = SavePlanner(config, **overrides)
+        planner = SavePlanner(config, process_group=process_group, **overrides)
     elif config is not None or overrides:
         raise TypeError("pass config options or a planner, not both (the planner already holds its config)")
     return _writer(path, checksums, sync_files, writer_options), planner
@@ -67,7 +68,7 @@ def save(
     :param overrides: config keys, e.g. ``strategy="split"``.
     :returns: the checkpoint's ``Metadata``.
     """
-    writer, planner = _save_args(path, planner, config, checksums, sync_files, writer_options, overrides)
+    writer, planner = _save_args(path, planner, config, checksums, sync_files, writer_options, overrides, process_group)
     kwargs = compat.dcp_call_kwargs(dcp.save, process_group)
     with _dcplan_errors():
         return dcp.save(state_dict, storage_writer=writer, planner=planner, **kwargs)
@@ -86,7 +87,7 @@ def async_save(
     **overrides: Any,
 ) -> Any:
     """Like :func:`save`, through ``dcp.async_save``: returns what it returns (a future to wait on)."""
-    writer, planner = _save_args(path, planner, config, checksums, sync_files, writer_options, overrides)
+    writer, planner = _save_args(path, planner, config, checksums, sync_files, writer_options, overrides, process_group)
     kwargs = compat.dcp_call_kwargs(dcp.async_save, process_group)
     return dcp.async_save(state_dict, storage_writer=writer, planner=planner, **kwargs)
 

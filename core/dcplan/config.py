@@ -111,6 +111,8 @@ class Config:
         plan_cache: reuse save plans across saves of an unchanged structure.
         plan_cache_size: how many cache entries (namespaces) to keep.
         cache_namespace: the cache namespace; default derived from the state dict.
+        plan_cache_dir: a directory where the coordinator keeps save plans across
+            job restarts (see ``dcplan.save.store``); unset: off.
         validate: run global-plan validation (only switch off for trusted layouts).
         report: log the plan report at INFO on the coordinator after each save.
         trust_checkpoint: unpickle non-tensor items and ``.metadata`` with the full
@@ -129,6 +131,7 @@ class Config:
     plan_cache: bool = attrs.field(default=False, validator=_bool)
     plan_cache_size: int = attrs.field(default=8, validator=_positive_int)
     cache_namespace: str | None = attrs.field(default=None, validator=_opt_str)
+    plan_cache_dir: str | None = attrs.field(default=None, validator=_opt_str)
     validate: bool = attrs.field(default=True, validator=_bool)
     report: bool = attrs.field(default=True, validator=_bool)
     trust_checkpoint: bool = attrs.field(default=False, validator=_bool)
@@ -155,7 +158,7 @@ def _type_of(name: str) -> str:
     default = _FIELDS[name].default
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
         default = default.factory()  # type: ignore[union-attr]
-    if name == "cache_namespace":
+    if name in ("cache_namespace", "plan_cache_dir"):
         return "str"
     return type(default).__name__
 

@@ -22,7 +22,9 @@ from dcplan.compat import MetadataIndex, SavePlan, WriteItem, WriteItemType
 from dcplan.config import Config, resolve_config
 from dcplan.errors import PlanMismatchError, PlanValidationError
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
+from dcplan.save import exchange, wire
 from dcplan.save.local import plan_digest
+from dcplan.save.store import PlanStore
 
 __all__ = ["SavePlanner", "RankPayload"]
 
@@ -55,6 +57,9 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
     :param flatten_sharded_tensors: flatten nested ShardedTensors (2-D FSDP).
     :param plugin_manager: a specific plugin manager (tests); default: the
         process-wide one.
+    :param process_group: the process group ``dcp.save`` runs on (default: the
+        default group); the planner exchanges plan digests on it so identical
+        plans are gathered once (:mod:`dcplan.save.exchange`).
     :param overrides: any :class:`Config` key, e.g. ``strategy="lowest_rank"``.
     """
 
@@ -65,6 +70,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         flatten_state_dict: bool = True,
         flatten_sharded_tensors: bool = True,
         plugin_manager: DcplanPluginManager | None = None,
+        process_group: Any = None,
         **overrides: Any,
     ) -> None:
         compat.DefaultSavePlanner.__init__(
@@ -80,6 +86,9 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self.timings: dict[str, float] = {}
         self.mappings: dict[str, Any] = {}
         self._local_chunks: dict[str, list[tuple[Any, MetadataIndex]]] = {}
+        self.process_group = process_group
+        self._sent_items: list[WriteItem] = []
+        self.plan_store: PlanStore | None = None
         self.cache: Any = None
         if self.config.plan_cache:
             from dcplan.save.cache import PlanCache
@@ -113,7 +122,22 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self.storage_meta = storage_meta
         self.is_coordinator = is_coordinator
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["process_group"] = None  # not picklable; the exchange then checks the group again
+        return state
+
     def create_local_plan(self) -> SavePlan:
+        how = exchange.resolve(self.process_group, compat.dcp_save_context())
+        try:
+            plan = self._create_local_plan()
+            self.plan_store = PlanStore.for_planner(self) if how.exchange else None
+        except BaseException:
+            exchange.send_plan(None, how, failed=True)  # peers must not wait for this rank
+            raise
+        return exchange.send_plan(plan, how, store=self.plan_store)  # type: ignore[no-any-return]
+
+    def _create_local_plan(self) -> SavePlan:
         t0 = time.perf_counter()
         plan = self.hook.dcplan_create_local_save_plan(
             planner=self, state_dict=self.state_dict, is_coordinator=self.is_coordinator
@@ -125,6 +149,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             if item.tensor_data is not None and item.tensor_data.chunk is not None:
                 self._local_chunks.setdefault(item.index.fqn, []).append((item.tensor_data.chunk, item.index))
         self.plan = plan
+        self._sent_items = plan.items
         digest = plan_digest(plan.items)
         cache_msg = None
         if self.cache is not None:
@@ -155,6 +180,13 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
         t0 = time.perf_counter()
+        if wire.all_stored(all_plans) and self.plan_store is not None:  # persistent store hit
+            delta, self.metadata = self.plan_store.replay()
+            self.global_plan, self.report = delta, None
+            self.timings["global"] = time.perf_counter() - t0
+            return delta, self.metadata
+        compact = wire.is_compact(all_plans)
+        all_plans = wire.unpack_gathered(all_plans, RankPayload)
         payloads = []
         for r, p in enumerate(all_plans):
             if not isinstance(p.planner_data, RankPayload):
@@ -180,6 +212,10 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             delta = self.cache.commit_global(self, local_plans, global_plan, metadata)
         else:
             delta = global_plan
+        if compact:
+            delta = wire.pack_final(delta, local_plans)
+            if self.plan_store is not None:
+                self.plan_store.record(self.plan_store.digests, delta, metadata)
         self.global_plan = global_plan
         self.metadata = metadata
         self.timings["global"] = time.perf_counter() - t0
@@ -230,6 +266,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         return global_plan, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        new_plan = wire.unpack_final(new_plan, self._sent_items)
         plan = self.hook.dcplan_finish_save_plan(planner=self, central_plan=new_plan, cache=self.cache)
         self.plan = plan
         return plan

@@ -133,6 +133,9 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
             warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
             return super().prepare_local_plan(plan)
 
+    # torch's version reads no plan items: compact plans (dcplan.save.wire) may pass through it
+    prepare_local_plan._dcplan_ignores_items = True  # type: ignore[attr-defined]
+
     def storage_meta(self) -> Any:
         # the save id names the checksum file: it must reach .metadata on every torch
         meta = super().storage_meta()
