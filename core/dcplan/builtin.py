@@ -42,8 +42,10 @@ def dcplan_create_local_save_plan(planner: Any, state_dict: dict[str, Any], is_c
 
 
 @hookimpl(trylast=True)
-def dcplan_dedup(all_plans: Sequence[SavePlan], strategy: Strategy, options: dict[str, Any], config: Any) -> list[SavePlan]:
-    return list(strategy.func(list(all_plans), **options))
+def dcplan_dedup(
+    all_plans: Sequence[SavePlan], strategy: Strategy, options: dict[str, Any], config: Any, index: Any = None
+) -> list[SavePlan]:
+    return list(strategy.run(list(all_plans), options, index))
 
 
 @hookimpl(trylast=True)

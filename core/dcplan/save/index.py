@@ -7,8 +7,6 @@ import itertools
 import logging
 import math
 import operator
-import threading
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,7 +88,7 @@ class PlanIndex:
     """
 
     __slots__ = (
-        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_members", "_flat", "_bounds", "__weakref__"
+        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_members", "_flat", "_bounds"
     )
 
     def __init__(self, all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> None:
@@ -266,46 +264,16 @@ def _holders(
     return out, flat, bounds
 
 
-_cache_lock = threading.Lock()
-_cache: tuple[list[weakref.ref[Any]], list[int], PlanIndex] | None = None
-
-
-def clear_index_cache() -> None:
-    """Forget the remembered :class:`PlanIndex` (benchmarks time cold runs)."""
-    global _cache
-    with _cache_lock:
-        _cache = None
-
-
 def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> PlanIndex:
-    """Build a :class:`PlanIndex` (one dict lookup per entry of each distinct plan).
+    """Build a :class:`PlanIndex` of ``all_plans`` (one dict lookup per entry of each distinct plan).
 
-    The last index is remembered while its plans are alive, so the strategy and
-    the report of one save (same plan objects) index the plans only once.
+    Nothing is remembered: :class:`dcplan.SavePlanner` builds the index once per
+    save and passes it to the strategy (``index=``) and to the report. Call this
+    only where no index was handed to you.
 
-    :param digests: per rank, a digest of its plan's keys or ``None`` (see
-        :class:`PlanIndex`); only used when the index is built here.
+    :param digests: per rank, a digest of its plan's keys or ``None`` (see :class:`PlanIndex`).
     """
-    global _cache
-    plans = list(all_plans)
-    with _cache_lock:
-        cached = _cache
-    if cached is not None:
-        refs, lens, idx = cached
-        if (
-            len(refs) == len(plans)
-            and all(r() is p for r, p in zip(refs, plans))
-            and all(len(p.items) == n for p, n in zip(plans, lens))
-        ):
-            return idx
-    idx = PlanIndex(plans, digests)
-    try:
-        entry = ([weakref.ref(p) for p in plans], [len(p.items) for p in plans], idx)
-    except TypeError:  # pragma: no cover - a plan type without weakref support
-        return idx
-    with _cache_lock:
-        _cache = entry
-    return idx
+    return PlanIndex(list(all_plans), digests)
 
 
 def holders_and_sizes(
