@@ -475,8 +475,11 @@ class PlanCache:
 
     def global_step(
         self, planner: Any, all_plans: Sequence[SavePlan], payloads: Sequence[Any]
-    ) -> tuple[list[SavePlan], list[SavePlan], Metadata] | None:
-        """On a hit: ``(delta, global_plan, metadata)`` from the cache; else ``None``."""
+    ) -> tuple[list[SavePlan], list[SavePlan], Metadata, Any] | None:
+        """On a hit: ``(delta, global_plan, metadata, report)`` from the cache; else ``None``.
+
+        The planner publishes the returned report (once per save, hit or miss).
+        """
         msgs = self._collect(payloads)
         self._msgs = msgs
         world = len(all_plans)
@@ -500,17 +503,7 @@ class PlanCache:
         self.outcome = "hit"
         gen = found.gen
         delta = [_marker_plan(CacheAck(gen=gen, world=world, pos=r, reuse=(gen, r))) for r in range(world)]
-        planner.report = found.report
-        self._publish_report(planner)
-        return delta, [_copy_plan(p) for p in found.global_plan], _copy_metadata(found.metadata)
-
-    def _publish_report(self, planner: Any) -> None:
-        report = planner.report
-        if report is None:
-            return
-        if getattr(planner.config, "report", False) and hasattr(report, "summary"):
-            log.info("%s (plan cache hit)", report.summary())
-        planner.hook.dcplan_plan_report(report=report, config=planner.config)
+        return delta, [_copy_plan(p) for p in found.global_plan], _copy_metadata(found.metadata), found.report
 
     def full_local_plans(
         self, planner: Any, all_plans: Sequence[SavePlan], payloads: Sequence[Any]
@@ -549,10 +542,15 @@ class PlanCache:
         return out
 
     def commit_global(
-        self, planner: Any, local_plans: Sequence[SavePlan], global_plan: Sequence[SavePlan], metadata: Metadata
+        self,
+        planner: Any,
+        local_plans: Sequence[SavePlan],
+        global_plan: Sequence[SavePlan],
+        metadata: Metadata,
+        report: Any = None,
     ) -> list[SavePlan]:
-        """Record a successful plan; return what to scatter (markers where a
-        rank's cached final plan is still right)."""
+        """Record a successful plan (and its ``report``, returned on later hits);
+        return what to scatter (markers where a rank's cached final plan is still right)."""
         msgs = self._msgs
         if msgs is None or len(msgs) != len(global_plan):
             raise PlanCacheError("dcplan plan cache: commit_global without a matching global_step (internal error)")
@@ -577,7 +575,7 @@ class PlanCache:
                 global_plan=[_copy_plan(p) for p in global_plan],
                 global_fps=global_fps,
                 metadata=_copy_metadata(metadata),  # the storage writer mutates the one it gets
-                report=getattr(planner, "report", None),
+                report=report,
             )
             slots = store.coord.setdefault(world, OrderedDict())
             slots.pop(ns, None)

@@ -162,12 +162,15 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
                 )
             payloads.append(p.planner_data)
         self._check_agreement(payloads)
+        cached = None
         if self.cache is not None:
             cached = self.cache.global_step(self, all_plans, payloads)
-            if cached is not None:
-                delta, self.global_plan, self.metadata = cached
-                self.timings["global"] = time.perf_counter() - t0
-                return delta, self.metadata
+        if cached is not None:
+            delta, self.global_plan, self.metadata, self.report = cached
+            self._publish_report(self.report, cached=True)
+            self.timings["global"] = time.perf_counter() - t0
+            return delta, self.metadata
+        if self.cache is not None:
             local_plans = self.cache.full_local_plans(self, all_plans, payloads)
         else:
             local_plans = [
@@ -175,7 +178,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             ]
         global_plan, metadata = self.plan_global(local_plans, digests=[pl.digest for pl in payloads])
         if self.cache is not None:
-            delta = self.cache.commit_global(self, local_plans, global_plan, metadata)
+            delta = self.cache.commit_global(self, local_plans, global_plan, metadata, self.report)
         else:
             delta = global_plan
         self.global_plan = global_plan
@@ -183,10 +186,21 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self.timings["global"] = time.perf_counter() - t0
         return delta, metadata
 
+    def _publish_report(self, report: Any, cached: bool) -> None:
+        """Log the plan report (``report = true``) and call ``dcplan_plan_report``: once per save."""
+        if report is None:
+            return
+        if self.config.report and hasattr(report, "summary"):
+            log.info("%s%s", report.summary(), " (plan cache hit)" if cached else "")
+        self.hook.dcplan_plan_report(report=report, config=self.config)
+
     def plan_global(
         self, local_plans: list[SavePlan], digests: list[bytes | None] | None = None
     ) -> tuple[list[SavePlan], Any]:
         """Dedup, metadata, validation and report on full local plans (no caching).
+
+        Sets :attr:`report` and publishes it (``dcplan_plan_report``); on a plan
+        cache hit :meth:`create_global_plan` publishes the cached one instead.
 
         :param digests: per rank, :func:`dcplan.save.local.plan_digest` of its plan
             (or ``None``): ranks with equal digests are indexed once.
@@ -195,13 +209,16 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         from dcplan.save.index import index_plans
 
         with paused_gc():
-            # strategies and the report look the index up by these plan objects
-            index_plans(local_plans, digests)
-            return self._plan_global(local_plans)
+            index = index_plans(local_plans, digests)  # built once, passed to the strategy and the report
+            return self._plan_global(local_plans, index)
 
-    def _plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
+    def _plan_global(self, local_plans: list[SavePlan], index: Any) -> tuple[list[SavePlan], Any]:
         deduped = self.hook.dcplan_dedup(
-            all_plans=local_plans, strategy=self.strategy, options=self.strategy_options, config=self.config
+            all_plans=local_plans,
+            strategy=self.strategy,
+            options=self.strategy_options,
+            config=self.config,
+            index=index,
         )
         if deduped is None or len(deduped) != len(local_plans):
             raise PlanValidationError(
@@ -219,10 +236,8 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
                 raise PlanValidationError(errors)
         from dcplan.save.report import build_report
 
-        self.report = build_report(local_plans, global_plan, self.strategy.name)
-        if self.config.report:
-            log.info(self.report.summary())
-        self.hook.dcplan_plan_report(report=self.report, config=self.config)
+        self.report = build_report(local_plans, global_plan, self.strategy.name, index=index)
+        self._publish_report(self.report, cached=False)
         # ranks do not need the mappings back
         global_plan = [compat.replace_plan(p, planner_data=None) for p in global_plan]
         return global_plan, metadata
