@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from dcplan import compat as _compat
 from dcplan.config import Config, resolve_config
 from dcplan.errors import (
     ConfigError,
@@ -26,7 +27,8 @@ from dcplan.errors import (
 )
 from dcplan.load.planner import LoadPlanner
 from dcplan.load.report import LoadReport
-from dcplan.load.safe import CheckpointReadError, FileSystemReader, MetadataVersionError, UnsafeCheckpointError
+from dcplan.errors import CheckpointReadError, MetadataVersionError, UnsafeCheckpointError
+from dcplan.load.safe import FileSystemReader
 from dcplan.manager import get_plugin_manager, hookimpl
 from dcplan.save.planner import SavePlanner
 from dcplan.types import PluginInfo, Strategy
@@ -57,6 +59,9 @@ __all__ = [
     "hookimpl",
     "resolve_config",
 ]
+
+# torch <= 2.14 then refuses a torch 2.15 .metadata with MetadataVersionError (see compat)
+_compat.install_metadata_format_guard()
 
 try:
     from importlib.metadata import version as _v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 __all__ = [
@@ -12,6 +13,11 @@ __all__ = [
     "PlanMismatchError",
     "PlanValidationError",
     "MissingKeysError",
+    "PlanCacheError",
+    "CheckpointReadError",
+    "MetadataVersionError",
+    "UnsafeCheckpointError",
+    "RankPlanningError",
 ]
 
 
@@ -85,3 +91,42 @@ class MissingKeysError(DcplanError, RuntimeError):
 
     def __reduce__(self) -> tuple:  # type: ignore[type-arg]
         return (type(self), (self.missing, self.nested))
+
+
+class PlanCacheError(DcplanError, RuntimeError):
+    """The plan cache cannot resolve an "unchanged" marker; nothing was written."""
+
+
+HOW_TO_ALLOW = (
+    "if you trust that type, allow it with trusted_globals = [\"{name}\"] (dcplan.toml, "
+    "[tool.dcplan], DCPLAN_TRUSTED_GLOBALS or LoadPlanner(trusted_globals=[...])) or a plugin's "
+    "dcplan_safe_globals hook; trust_checkpoint = true (CLI: --trust) disables the check for the "
+    "whole checkpoint and is DANGEROUS: a crafted checkpoint can run code"
+)
+
+
+class UnsafeCheckpointError(DcplanError, pickle.UnpicklingError):
+    """A checkpoint needs a global (class or function) the safe loaders do not admit.
+
+    :ivar key: the state-dict key (or ``".metadata"``) being read.
+    :ivar blocked: the blocked globals, ``"module.name"``.
+    """
+
+    def __init__(self, key: str, blocked: Sequence[str], detail: str = "") -> None:
+        self.key = key
+        self.blocked = list(blocked)
+        names = ", ".join(self.blocked) if self.blocked else "an unsupported type"
+        what = "the checkpoint's .metadata" if key == ".metadata" else f"non-tensor item {key!r}"
+        msg = f"refusing to unpickle {what}: it needs {names}, which dcplan's safe loader does not allow"
+        if detail:
+            msg += f" ({detail})"
+        msg += "; " + HOW_TO_ALLOW.format(name=self.blocked[0] if self.blocked else "package.module.Class")
+        super().__init__(msg)
+
+
+class CheckpointReadError(DcplanError, ValueError):
+    """A path is not a readable DCP checkpoint (missing, not a checkpoint, corrupted, truncated)."""
+
+
+class MetadataVersionError(CheckpointReadError):
+    """``.metadata`` was written by a newer torch whose format this torch cannot read."""

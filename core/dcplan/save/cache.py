@@ -88,7 +88,7 @@ import attrs
 
 from dcplan import compat
 from dcplan.compat import ChunkStorageMetadata, Metadata, SavePlan, TensorWriteData, WriteItem
-from dcplan.errors import DcplanError
+from dcplan.errors import PlanCacheError  # re-exported (public name of this module)
 
 if TYPE_CHECKING:  # pragma: no cover
     from dcplan.config import Config
@@ -106,10 +106,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dcplan")
-
-
-class PlanCacheError(DcplanError, RuntimeError):
-    """The plan cache cannot resolve an "unchanged" marker; nothing was written."""
 
 
 # ---------------------------------------------------------------- fingerprints
