@@ -65,7 +65,7 @@ def _graph() -> dict[str, set[str]]:
         tree = ast.parse(path.read_text(), str(path))
         deps = _imports(tree, name, path.name == "__init__.py")
         # "from dcplan import compat" names the module dcplan.compat, not the package
-        graph[name] = {d for d in deps if d in files and d != name and not (d + ".") in {x[: len(d) + 1] for x in ()}}
+        graph[name] = {d for d in deps if d in files and d != name}
         graph[name] = {d for d in graph[name] if not _is_package_only(d, deps, files)}
     return graph
 

@@ -17,17 +17,19 @@ from typing import TYPE_CHECKING, Any
 from dcplan import compat as _compat
 from dcplan.config import Config, resolve_config
 from dcplan.errors import (
+    CheckpointReadError,
     ConfigError,
     DcplanError,
+    MetadataVersionError,
     MissingKeysError,
     PlanMismatchError,
     PlanValidationError,
     PluginError,
     UnknownStrategyError,
+    UnsafeCheckpointError,
 )
 from dcplan.load.planner import LoadPlanner
 from dcplan.load.report import LoadReport
-from dcplan.errors import CheckpointReadError, MetadataVersionError, UnsafeCheckpointError
 from dcplan.load.safe import FileSystemReader
 from dcplan.manager import get_plugin_manager, hookimpl
 from dcplan.save.planner import SavePlanner

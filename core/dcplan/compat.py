@@ -207,11 +207,6 @@ def init_state_dict(state_dict: dict[str, Any]) -> None:
         fn(state_dict)
 
 
-def tensor_properties_from(tensor: torch.Tensor) -> TensorProperties:
-    return TensorProperties.create_from_tensor(tensor)
-
-
-# ---------------------------------------------------------------- torch baselines
 def torch_dedup_save_plans(all_plans: Sequence[SavePlan], save_to_lowest_rank: bool = False) -> list[SavePlan]:
     """torch's ``dedup_save_plans`` without its 2.3-2.7 habit of mutating the input."""
     from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans

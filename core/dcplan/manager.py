@@ -22,7 +22,7 @@ import importlib.metadata as md
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -268,10 +268,6 @@ def reset_plugin_manager() -> None:
     global _cached
     with _lock:
         _cached = None
-
-
-def strategies_table(pm: DcplanPluginManager) -> Sequence[tuple[str, str, str]]:
-    return [(n, r.distribution, r.strategy.description) for n, r in pm.strategies.items()]
 
 
 class HookedPlannerMixin:

@@ -30,24 +30,13 @@ from dcplan.compat import LoadPlan, Metadata, ReadItem
 from dcplan.config import Config, resolve_config
 from dcplan.errors import ConfigError, MissingKeysError
 from dcplan.fmt import format_path
-from dcplan.load.report import LoadReport, Mismatch, _pairs
+from dcplan.load.report import LoadReport, Mismatch, _pairs, find_mismatches
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 
 log = logging.getLogger("dcplan")
 
 REPORT_KEY = "dcplan_load_report"
 
-
-
-def _dtype_name(dtype: Any) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _tensor_shape(obj: Any) -> tuple[int, ...] | None:
-    size = getattr(obj, "size", None)
-    if not callable(size) or not isinstance(obj, torch.Tensor):
-        return None
-    return tuple(int(s) for s in size())
 
 
 def _user_path(root: Any, path: Sequence[Any]) -> list[Any]:
@@ -192,22 +181,7 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
 
     def _find_mismatches(self) -> list[Mismatch]:
         assert self.metadata is not None
-        md = self.metadata.state_dict_metadata
-        out = []
-        for fqn in sorted(self.state_dict):
-            entry = md.get(fqn)
-            if not isinstance(entry, compat.TensorStorageMetadata):
-                continue
-            obj = self.state_dict[fqn]
-            shape = _tensor_shape(obj)
-            if shape is None:
-                continue
-            ck_shape = tuple(int(s) for s in entry.size)
-            ck_dtype = _dtype_name(getattr(entry.properties, "dtype", None))
-            sd_dtype = _dtype_name(obj.dtype)
-            if ck_shape != shape or ck_dtype != sd_dtype:
-                out.append(Mismatch(fqn, self.nested_key(fqn), ck_shape, shape, ck_dtype, sd_dtype))
-        return out
+        return find_mismatches(self.state_dict, self.metadata, self.nested_key)
 
     def create_local_plan(self) -> LoadPlan:
         if self.metadata is None:

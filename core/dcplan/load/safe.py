@@ -24,7 +24,7 @@ import io
 import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 import torch
@@ -38,7 +38,6 @@ from dcplan.errors import (  # defined in errors.py, re-exported here where they
     MetadataVersionError,
     UnsafeCheckpointError,
 )
-from dcplan.errors import HOW_TO_ALLOW as _HOW_TO_ALLOW
 
 __all__ = [
     "CheckpointReadError",

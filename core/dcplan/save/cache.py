@@ -100,6 +100,7 @@ __all__ = [
     "CacheAck",
     "PlanCacheError",
     "plan_fingerprint",
+    "structure_fingerprint",
     "default_namespace",
     "get_store",
     "clear_plan_caches",
@@ -162,7 +163,7 @@ def _digest(parts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def plan_fingerprint(plan: SavePlan, *extra: Any) -> str:
+def structure_fingerprint(plan: SavePlan, *extra: Any) -> str:
     """A digest of a plan's structure: every item (fqn, offsets, chunk, global
     size, tensor properties, type, bytes size, index hint), ``planner_data``,
     ``storage_data`` and ``extra`` values (by ``repr``). Independent of
@@ -170,6 +171,10 @@ def plan_fingerprint(plan: SavePlan, *extra: Any) -> str:
     """
     head = [repr(plan.planner_data), repr(plan.storage_data), *(repr(e) for e in extra)]
     return _digest([*head, *map(_item_key, plan.items)])
+
+
+#: the old name of :func:`structure_fingerprint`
+plan_fingerprint = structure_fingerprint
 
 
 def default_namespace(planner: Any) -> str:
@@ -414,7 +419,7 @@ class PlanCache:
             bool(getattr(planner, "flatten_state_dict", True)),
             bool(getattr(planner, "flatten_sharded_tensors", True)),
         )
-        return plan_fingerprint(plan, *extra)
+        return structure_fingerprint(plan, *extra)
 
     # -- every rank: after the local plan ------------------------------
     def local_step(self, planner: Any, plan: SavePlan) -> tuple[SavePlan, CacheMsg]:
@@ -552,7 +557,7 @@ class PlanCache:
             raise PlanCacheError("dcplan plan cache: commit_global without a matching global_step (internal error)")
         world = len(global_plan)
         ns = self._namespace(msgs)
-        global_fps = tuple(plan_fingerprint(p) for p in global_plan)
+        global_fps = tuple(structure_fingerprint(p) for p in global_plan)
         store = self.store
         with store.lock:
             reuse: list[Ref | None] = []

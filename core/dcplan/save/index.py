@@ -14,28 +14,12 @@ from dcplan.compat import (
     SavePlan,
     WriteItem,
 )
+from dcplan.save.local import _ITEMSIZE, item_nbytes
 
 log = logging.getLogger("dcplan")
 
-_ITEMSIZE: dict[Any, int] = {}
-
-
-def fast_nbytes(item: WriteItem) -> int:
-    """Bytes an item writes (same value as :func:`dcplan.save.local.item_nbytes`, cheaper).
-
-    Tensor items weigh ``prod(chunk.sizes) * element size``; non-tensor items
-    their recorded serialized size (torch 2.8+) or 1.
-    """
-    td = item.tensor_data
-    if td is None:
-        n = getattr(getattr(item, "bytes_io_data", None), "nbytes", None)
-        return int(n) if n else 1
-    dtype = td.properties.dtype
-    size = _ITEMSIZE.get(dtype)
-    if size is None:
-        size = _ITEMSIZE[dtype] = int(dtype.itemsize)
-    chunk = td.chunk
-    return math.prod(chunk.sizes if chunk is not None else td.size) * size
+#: the same function as :func:`dcplan.save.local.item_nbytes` (kept under its old name)
+fast_nbytes = item_nbytes
 
 
 _TD = operator.attrgetter("tensor_data")
@@ -44,10 +28,10 @@ _DTYPE = operator.attrgetter("properties.dtype")
 
 
 def nbytes_list(items: Sequence[WriteItem], block: int = 4096) -> list[int]:
-    """:func:`fast_nbytes` of every item, computed with C-level maps where possible.
+    """:func:`dcplan.save.local.item_nbytes` of every item, computed with C-level maps where possible.
 
     Blocks of tensor items with chunks (the common case) avoid a Python call
-    per item; a block holding an object item falls back to :func:`fast_nbytes`.
+    per item; a block holding an object item falls back to ``item_nbytes``.
     """
     out: list[int] = []
     for start in range(0, len(items), block):
@@ -57,7 +41,7 @@ def nbytes_list(items: Sequence[WriteItem], block: int = 4096) -> list[int]:
             sizes = list(map(_CHUNK_SIZES, tds))
             dtypes = list(map(_DTYPE, tds))
         except AttributeError:  # an object item, or a tensor item without a chunk
-            out.extend(map(fast_nbytes, seg))
+            out.extend(map(item_nbytes, seg))
             continue
         for dtype in set(dtypes).difference(_ITEMSIZE):
             _ITEMSIZE[dtype] = int(dtype.itemsize)

@@ -12,7 +12,6 @@ import torch
 
 from dcplan import compat
 from dcplan.compat import (
-    ChunkStorageMetadata,
     SavePlan,
     WriteItem,
     WriteItemType,
@@ -48,24 +47,27 @@ def plan_digest(items: Sequence[WriteItem]) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def chunk_of(item: WriteItem) -> ChunkStorageMetadata | None:
-    td = item.tensor_data
-    return td.chunk if td is not None else None
+_ITEMSIZE: dict[Any, int] = {}
 
 
 def item_nbytes(item: WriteItem) -> int:
-    """Bytes this item actually writes: chunk numel x element size.
+    """Bytes this item writes: chunk numel x element size (the one definition of item bytes).
 
-    Non-tensor items weigh their serialized size when the local plan recorded it
-    (``bytes_io_data.nbytes``, torch 2.8+), else 1.
+    Tensor items without a chunk weigh their whole tensor; non-tensor items their
+    serialized size when the local plan recorded it (``bytes_io_data.nbytes``,
+    torch 2.8+), else 1. :func:`dcplan.save.index.nbytes_list` computes the same
+    for many items at once.
     """
     td = item.tensor_data
     if td is None:
         n = compat.bytes_item_size(item)
         return int(n) if n else 1
-    sizes = td.chunk.sizes if td.chunk is not None else td.size
     dtype = td.properties.dtype
-    return int(math.prod(sizes)) * torch.empty((), dtype=dtype).element_size()
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+        size = _ITEMSIZE[dtype] = int(dtype.itemsize)
+    chunk = td.chunk
+    return math.prod(chunk.sizes if chunk is not None else td.size) * size
 
 
 def _serialized_size(obj: Any) -> int:

@@ -45,6 +45,7 @@ __all__ = [
     "conformance_test",
     "describe_workload",
     "plan_digest",
+    "result_signature",
     "save_and_load",
     "standard_workloads",
     "workloads",
@@ -146,13 +147,21 @@ def describe_workload(plans: Sequence[Any]) -> str:
     return "\n".join(lines) if lines else "  (no ranks)"
 
 
-def plan_digest(plans: Sequence[Any]) -> tuple[Any, ...]:
-    """A hashable, comparable summary of plans: per rank, its items in order and its planner_data."""
+def result_signature(plans: Sequence[Any]) -> tuple[Any, ...]:
+    """A hashable, comparable summary of a strategy's result: per rank, its items in order and its planner_data.
+
+    (Not :func:`dcplan.save.local.plan_digest`, the 16-byte digest a rank sends
+    with its plan, nor :func:`dcplan.save.cache.structure_fingerprint`.)
+    """
     out = []
     for plan in plans:
         items = tuple((i.index.fqn, tuple(i.index.offset or ()), i.type.name, _chunk(i)) for i in plan.items)
         out.append((items, repr(plan.planner_data)))
     return tuple(out)
+
+
+#: the old name of :func:`result_signature`
+plan_digest = result_signature
 
 
 def _contains(outer: tuple[tuple[int, ...], tuple[int, ...]], inner: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
@@ -367,9 +376,9 @@ def check_plans(
             )
 
     # -- deterministic (in-process)
-    digest = plan_digest(result)
+    digest = result_signature(result)
     again = _run(func, [copy.deepcopy(p) for p in original], opts, sname)
-    if plan_digest(again) != digest:
+    if result_signature(again) != digest:
         raise ConformanceError(
             "deterministic",
             "two calls on the same input returned different plans (random choices? iteration over a set "
@@ -556,7 +565,7 @@ def _answer(request: str) -> None:
         reset_plugin_manager()
     try:
         _, func, opts = _resolve(spec[1], options)
-        digests = [plan_digest(func([copy.deepcopy(p) for p in plans], **opts)) for plans in batch]
+        digests = [result_signature(func([copy.deepcopy(p) for p in plans], **opts)) for plans in batch]
         out: tuple[str, Any] = ("ok", digests)
     except BaseException as exc:  # noqa: BLE001
         out = ("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -666,7 +675,7 @@ def check_hash_seed_determinism(
     sname, func, opts = _resolve(strategy, options)
     spec = _spec(strategy)
     batch = [list(b) for b in batch]
-    mine = [plan_digest(func([copy.deepcopy(p) for p in plans], **opts)) for plans in batch]
+    mine = [result_signature(func([copy.deepcopy(p) for p in plans], **opts)) for plans in batch]
     results: dict[int, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="dcplan-kit-") as tmp:
         sent = []
