@@ -29,6 +29,7 @@ from dcplan import compat
 from dcplan.compat import LoadPlan, Metadata, ReadItem
 from dcplan.config import Config, resolve_config
 from dcplan.errors import ConfigError, MissingKeysError
+from dcplan.failures import carry, raise_carried
 from dcplan.fmt import format_path
 from dcplan.load.report import LoadReport, Mismatch, _pairs, find_mismatches
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
@@ -36,6 +37,7 @@ from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 log = logging.getLogger("dcplan")
 
 REPORT_KEY = "dcplan_load_report"
+FAILURE_KEY = "dcplan_failure"
 
 
 
@@ -94,8 +96,9 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         )
         if allow_partial_load is not None:
             overrides.setdefault("partial_load", bool(allow_partial_load))
-        self.config, self.config_sources = resolve_config(config, overrides)
         self._pm = plugin_manager
+        #: the error this rank carries to the planning collective (see :mod:`dcplan.failures`)
+        self.failure: str | None = None
         self.skip_keys: set[str] = set()
         self.missing_keys: list[str] = []
         self.mismatches: list[Mismatch] = []
@@ -104,6 +107,13 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         self.mappings: dict[str, Any] = {}
         self.metadata: Metadata | None = None
         self.is_coordinator = False
+        try:
+            self._configure(config, overrides)
+        except Exception as exc:
+            carry(self, exc, "LoadPlanner()")
+
+    def _configure(self, config: Config | Mapping[str, Any] | None, overrides: dict[str, Any]) -> None:
+        self.config, self.config_sources = resolve_config(config, overrides)
         self._check_partial_load_plugin()
         from dcplan.load.safe import check_trusted_globals
 
@@ -133,6 +143,16 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
     ) -> None:
         if metadata is None:
             raise ValueError("dcplan.LoadPlanner needs the checkpoint metadata (torch passes it to set_up_planner)")
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+        self.original_state_dict = state_dict
+        if self.failure is None:
+            try:
+                self._set_up(state_dict, metadata, is_coordinator)
+            except Exception as exc:
+                carry(self, exc, "set_up_planner")
+
+    def _set_up(self, state_dict: dict[str, Any], metadata: Metadata, is_coordinator: bool) -> None:
         new_sd = self.hook.dcplan_set_up_load_state_dict(
             planner=self, state_dict=state_dict, metadata=metadata, is_coordinator=is_coordinator
         )
@@ -186,6 +206,16 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
     def create_local_plan(self) -> LoadPlan:
         if self.metadata is None:
             raise RuntimeError("dcplan.LoadPlanner.create_local_plan called before set_up_planner")
+        if self.failure is None:
+            try:
+                return self._create_local_plan()
+            except Exception as exc:
+                carry(self, exc, "create_local_plan")
+        # this rank failed: it still joins the collective, with its error instead of a plan
+        return LoadPlan([], planner_data={FAILURE_KEY: self.failure})
+
+    def _create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
         self._maybe_old_format()
         md_keys = self.metadata.state_dict_metadata
         self.missing_keys = sorted(k for k in self.state_dict if k not in md_keys)
@@ -222,6 +252,13 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         )
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        raise_carried(
+            (
+                (r, p.planner_data.get(FAILURE_KEY) if isinstance(p.planner_data, Mapping) else None)
+                for r, p in enumerate(global_plan)
+            ),
+            "load",
+        )
         reports = []
         for plan in global_plan:
             data = plan.planner_data
@@ -253,7 +290,11 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         if self.flatten_state_dict:
             compat.set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
+            # the user's dict, not only the (possibly re-built) working copy: torch's
+            # DefaultLoadPlanner drops non-tensor values here
             self.state_dict[fqn] = obj
+            if self.original_state_dict is not self.state_dict:
+                self.original_state_dict[fqn] = obj
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         tensor = compat.find_state_dict_object(self.state_dict, read_item.dest_index)

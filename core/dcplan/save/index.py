@@ -61,7 +61,9 @@ class PlanIndex:
     * ``holders[k]``: the ranks holding it, a tuple, ascending, no duplicates;
     * ``nbytes[k]``: the bytes it writes;
     * ``ids[rank]``: the key id of each item of that rank's plan, in plan order
-      (ranks with the same plan digest share one list: treat it as read-only).
+      (ranks with the same plan digest share one list: treat it as read-only);
+    * ``lookup``: ``(fqn, offset) -> k`` (read-only);
+    * :meth:`members`: each distinct plan's lowest rank -> the ranks sharing it.
 
     :param digests: optional, one per rank: a digest of that rank's item keys
         (:func:`dcplan.save.local.plan_digest`, computed by each rank on its own
@@ -72,7 +74,7 @@ class PlanIndex:
     """
 
     __slots__ = (
-        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_members", "_flat", "_bounds"
+        "world_size", "keys", "first", "holders", "ids", "lookup", "_nbytes", "_members", "_flat", "_bounds"
     )
 
     def __init__(self, all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> None:
@@ -126,6 +128,7 @@ class PlanIndex:
             all_ids.append(ids)
             rep_of.append(rank)
         self.world_size = len(all_plans)
+        self.lookup = lookup
         self.keys = keys
         self.first = first
         self.ids = all_ids
@@ -144,6 +147,14 @@ class PlanIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def members(self) -> Mapping[int, Sequence[int]]:
+        """Each distinct plan's lowest rank -> every rank sharing its id list (ascending)."""
+        return self._members
+
+    def plan_ids(self, rep: int) -> Any:
+        """The key ids of distinct plan ``rep`` (a key of :meth:`members`), in plan order, as a numpy array."""
+        return self._flat[self._bounds[rep] : self._bounds[rep + 1]]
 
     def fixed_loads(self) -> list[int]:
         """Per rank: bytes of the items only that rank holds."""

@@ -20,7 +20,8 @@ import torch
 from dcplan import compat
 from dcplan.compat import MetadataIndex, SavePlan, WriteItem, WriteItemType
 from dcplan.config import Config, resolve_config
-from dcplan.errors import PlanMismatchError, PlanValidationError
+from dcplan.errors import DcplanError, PlanMismatchError, PlanValidationError, PluginError
+from dcplan.failures import carry, raise_carried
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 from dcplan.save.local import plan_digest
 
@@ -37,13 +38,16 @@ class RankPayload:
     checkpoint's ``Metadata.planner_data``); ``agreement`` is what every rank must
     share (strategy, options, plugins); ``cache`` is the plan cache's message;
     ``digest`` is :func:`dcplan.save.local.plan_digest` of the rank's full local
-    plan, so the coordinator indexes identical plans once.
+    plan, so the coordinator indexes identical plans once; ``failure`` is the
+    error this rank's planner carries instead of a plan.
     """
 
     mapping: Any
     agreement: tuple[Any, ...]
     cache: Any = None
     digest: bytes | None = None
+    #: ``"ErrorType: message (in step)"`` when this rank's planner failed (see :mod:`dcplan.failures`)
+    failure: str | None = None
 
 
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
@@ -70,15 +74,23 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         compat.DefaultSavePlanner.__init__(
             self, flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=flatten_sharded_tensors
         )
-        self.config, self.config_sources = resolve_config(config, overrides)
         self._pm = plugin_manager
-        self.strategy = self.plugin_manager.get_strategy(self.config.strategy)
-        self.strategy_options = self.strategy.resolve_options(self.config.strategy_options)
         self.report: Any = None
         self.timings: dict[str, float] = {}
         self.mappings: dict[str, Any] = {}
         self._local_chunks: dict[str, list[tuple[Any, MetadataIndex]]] = {}
         self.cache: Any = None
+        #: the error this rank carries to the planning collective (see :mod:`dcplan.failures`)
+        self.failure: str | None = None
+        try:
+            self._configure(config, overrides)
+        except Exception as exc:
+            carry(self, exc, "SavePlanner()")
+
+    def _configure(self, config: Config | Mapping[str, Any] | None, overrides: dict[str, Any]) -> None:
+        self.config, self.config_sources = resolve_config(config, overrides)
+        self.strategy = self.plugin_manager.get_strategy(self.config.strategy)
+        self.strategy_options = self.strategy.resolve_options(self.config.strategy_options)
         if self.config.plan_cache:
             from dcplan.save.cache import PlanCache
 
@@ -100,6 +112,15 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
     ) -> None:
         if isinstance(storage_meta, bool):  # (state_dict, is_coordinator) callers
             storage_meta, is_coordinator = None, storage_meta
+        self.storage_meta = storage_meta
+        self.is_coordinator = is_coordinator
+        if self.failure is None:
+            try:
+                self._set_up(state_dict)
+            except Exception as exc:
+                carry(self, exc, "set_up_planner")
+
+    def _set_up(self, state_dict: dict[str, Any]) -> None:
         self.original_state_dict = state_dict
         if self.flatten_state_dict:
             state_dict, self.mappings = compat.flatten_state_dict(state_dict)
@@ -108,10 +129,17 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         if self.flatten_sharded_tensors:
             state_dict = compat.flatten_sharded_tensors(state_dict)
         self.state_dict = state_dict
-        self.storage_meta = storage_meta
-        self.is_coordinator = is_coordinator
 
     def create_local_plan(self) -> SavePlan:
+        if self.failure is None:
+            try:
+                return self._create_local_plan()
+            except Exception as exc:
+                carry(self, exc, "create_local_plan")
+        # this rank failed: it still joins the collective, with its error instead of a plan
+        return SavePlan([], planner_data=RankPayload(mapping=None, agreement=(), failure=self.failure))
+
+    def _create_local_plan(self) -> SavePlan:
         t0 = time.perf_counter()
         plan = self.hook.dcplan_create_local_save_plan(
             planner=self, state_dict=self.state_dict, is_coordinator=self.is_coordinator
@@ -161,6 +189,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
                     "same planner class"
                 )
             payloads.append(p.planner_data)
+        raise_carried(((r, pl.failure) for r, pl in enumerate(payloads)), "save")
         self._check_agreement(payloads)
         cached = None
         if self.cache is not None:
@@ -213,20 +242,40 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             return self._plan_global(local_plans, index)
 
     def _plan_global(self, local_plans: list[SavePlan], index: Any) -> tuple[list[SavePlan], Any]:
-        deduped = self.hook.dcplan_dedup(
-            all_plans=local_plans,
-            strategy=self.strategy,
-            options=self.strategy_options,
-            config=self.config,
-            index=index,
-        )
-        if deduped is None or len(deduped) != len(local_plans):
-            raise PlanValidationError(
-                [
-                    f"strategy {self.strategy.name!r} returned "
-                    f"{'nothing' if deduped is None else len(deduped)} plans for {len(local_plans)} ranks"
-                ]
+        from dcplan.save import verify
+
+        if self.config.validate:  # step 4a: holders of a key agree on kind, dtype, size
+            verify.check_consistency(index, local_plans)
+        try:
+            deduped = self.hook.dcplan_dedup(
+                all_plans=local_plans,
+                strategy=self.strategy,
+                options=self.strategy_options,
+                config=self.config,
+                index=index,
             )
+        except DcplanError:
+            raise
+        except Exception as exc:
+            dist = self._strategy_distribution()
+            raise PluginError(
+                f"dcplan: strategy {self.strategy.name!r}"
+                + (f" (distribution {dist})" if dist else "")
+                + f" failed in dcplan_dedup: {type(exc).__name__}: {exc}; nothing was written. Fix or report "
+                "the strategy, or choose another one (strategy = \"size_balanced\")"
+            ) from exc
+        if not isinstance(deduped, (list, tuple)) or len(deduped) != len(local_plans) or not all(
+            isinstance(p, SavePlan) for p in deduped
+        ):
+            got = "nothing" if deduped is None else (
+                f"{len(deduped)} plans" if isinstance(deduped, (list, tuple)) else type(deduped).__name__
+            )
+            raise PlanValidationError(
+                [f"strategy {self.strategy.name!r} returned {got} for {len(local_plans)} ranks "
+                 "(a strategy must return a list with one SavePlan per rank)"]
+            )
+        if self.config.validate:  # step 4b: the strategy's output, before any byte is written
+            verify.verify_dedup(index, deduped, self.strategy.name, self._strategy_distribution())
         global_plan, metadata = self.hook.dcplan_create_save_metadata(all_plans=deduped, config=self.config)
         if not self.flatten_state_dict:
             metadata = dataclasses.replace(metadata, planner_data=None)
@@ -241,6 +290,10 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         # ranks do not need the mappings back
         global_plan = [compat.replace_plan(p, planner_data=None) for p in global_plan]
         return global_plan, metadata
+
+    def _strategy_distribution(self) -> str | None:
+        reg = getattr(self.plugin_manager, "strategies", {}).get(self.strategy.name)
+        return getattr(reg, "distribution", None)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         plan = self.hook.dcplan_finish_save_plan(planner=self, central_plan=new_plan, cache=self.cache)
