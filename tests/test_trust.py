@@ -110,3 +110,79 @@ def test_load_without_flattening_restores_non_tensor_values(tmp_path) -> None:
     target = {"w": torch.zeros(4), "step": 0, "meta": {"lr": 0.0}}
     dcp.load(target, checkpoint_id=path, planner=dcplan.LoadPlanner(flatten_state_dict=False))
     assert target["step"] == 9 and target["meta"] == {"lr": 0.5} and torch.equal(target["w"], torch.arange(4.0))
+
+
+# ---------------------------------------------------------------- the conformance kit
+ADVERSARIAL = {
+    "adv_drop": "exactly_once",
+    "adv_invent": "holder_only",
+    "adv_misindex": "index_offset",
+    "adv_non_holder": "holder_only",
+    "adv_overlap_slices": ("exactly_once", "item_intact"),
+    "adv_dtype": "item_intact",
+    "adv_raising": "no_error",
+    "adv_slow": "scales_linearly",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_kit_rejects_each_adversarial_plugin(monkeypatch, name) -> None:
+    pytest.importorskip("dcplan_adversarial", reason="tools/install_local.py --tests installs it")
+    from dcplan.manager import reset_plugin_manager
+    from dcplan.testing import kit
+
+    monkeypatch.setenv("TEST_DCPLAN_ADVERSARIAL", "1")
+    reset_plugin_manager()
+    with pytest.raises(kit.ConformanceError) as info:
+        # adv_slow is correct on every workload: only the timing catches it (large workloads add nothing)
+        kit.check_strategy(name, max_examples=60, hash_seeds=(), large=name != "adv_slow")
+    want = ADVERSARIAL[name]
+    assert info.value.invariant in (want if isinstance(want, tuple) else (want,)), str(info.value)
+    assert f"[{info.value.invariant}]" in str(info.value)
+
+
+def only_small_worlds(all_plans):
+    """Bug: correct up to 16 ranks, then drops every item only rank 16+ would write."""
+    from dcplan_lowest_rank import lowest_rank
+
+    out = lowest_rank(all_plans)
+    return [p if r < 16 else dataclasses.replace(p, items=[]) for r, p in enumerate(out)]
+
+
+def test_kit_finds_a_bug_that_needs_many_ranks_and_shrinks_it() -> None:
+    from dcplan.testing import kit
+
+    with pytest.raises(kit.ConformanceError) as info:
+        kit.check_strategy(only_small_worlds, max_examples=30, hash_seeds=(), scaling=False)
+    err = info.value
+    assert err.invariant == "exactly_once" and "dropped" in str(err)
+    assert err.plans is not None and sum(len(p.items) for p in err.plans) < 200  # shrunk from thousands
+
+
+def test_kit_rejects_an_index_offset_that_differs_from_the_chunk() -> None:
+    from dcplan.testing import kit
+
+    plans = _hsdp()
+    with pytest.raises(kit.ConformanceError, match=r"\[index_offset\].*not its chunk offset \(4, 0\)"):
+        kit.check_plans(_misindex, plans)
+
+
+def _misindex(all_plans):
+    out = dcplan.dedup(all_plans, "lowest_rank")
+    return [dataclasses.replace(p, items=[
+        dataclasses.replace(i, index=dataclasses.replace(i.index, offset=torch.Size([0, 0]))) if i.index.fqn == "w"
+        else i for i in p.items]) for p in out]
+
+
+def test_kit_reports_one_conformance_error_never_an_exception_group() -> None:
+    """Two different bugs (overlapping slices and drops) on different workloads: still one ConformanceError."""
+    from dcplan.testing import kit
+
+    def two_bugs(all_plans):
+        out = dcplan.dedup(all_plans, "lowest_rank")
+        if len(all_plans) > 2:
+            return [dataclasses.replace(p, items=p.items[1:]) for p in out]
+        return [dataclasses.replace(p, items=p.items + p.items[:1]) for p in out]
+
+    with pytest.raises(kit.ConformanceError):
+        kit.check_strategy(two_bugs, max_examples=100, hash_seeds=(), large=False, scaling=False)
