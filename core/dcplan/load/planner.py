@@ -68,6 +68,23 @@ def _strip_report(plan: LoadPlan) -> LoadPlan:
 class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignore[misc]
     """Drop-in ``LoadPlanner`` whose steps run through dcplan's hooks.
 
+    The protocol, as ``dcp.load`` drives it (step -> hook -> module):
+
+    0. ``LoadPlanner()`` (every rank): config and the partial-load plugin check;
+       inside a process group an error is carried to step 4 (:mod:`dcplan.failures`).
+    1. read the metadata (every rank) -> the storage reader (:mod:`dcplan.load.safe`).
+    2. :meth:`set_up_planner` (every rank): the state dict to fill ->
+       ``dcplan_set_up_load_state_dict``; then torch's flattening (:mod:`dcplan.compat`).
+    3. :meth:`create_local_plan` (every rank): missing keys ->
+       ``dcplan_missing_keys_policy``; shape/dtype mismatches ->
+       :func:`dcplan.load.report.find_mismatches`; read items ->
+       ``dcplan_create_local_load_plan`` (built-in: :mod:`dcplan.builtin`).
+    4. gather; :meth:`create_global_plan` (coordinator): carried failures; the merged
+       :class:`~dcplan.load.report.LoadReport`; -> ``dcplan_create_global_load_plan``.
+    5. scatter; :meth:`finish_plan` (every rank).
+    6. read (every rank): tensors in place (:meth:`resolve_tensor`), objects through
+       :meth:`load_bytes` -> :func:`dcplan.load.safe.load_object`.
+
     Strict by default: every key of the state dict must be in the checkpoint,
     and all missing keys are reported at once during planning, on every rank,
     before any tensor is read. ``dcplan-partial-load`` relaxes that by config.

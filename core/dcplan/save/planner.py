@@ -53,6 +53,33 @@ class RankPayload:
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
     """Drop-in ``SavePlanner`` whose dedup strategy comes from config and plugins.
 
+    The protocol, as ``dcp.save`` drives it (step -> hook -> module):
+
+    0. ``SavePlanner()`` (every rank): config, strategy and its options
+       (``Strategy.check_options``) are resolved; inside a process group an error is
+       kept and carried to step 3 (:mod:`dcplan.failures`) instead of raised alone.
+    1. :meth:`set_up_planner` (every rank): flatten the state dict -> torch's
+       flattening (:mod:`dcplan.compat`).
+    2. :meth:`create_local_plan` (every rank): the rank's items ->
+       ``dcplan_create_local_save_plan`` -> :mod:`dcplan.save.local`; plus the
+       :class:`RankPayload` (agreement, digest, cache message, carried failure).
+    3. gather; :meth:`create_global_plan` (coordinator): carried failures and
+       agreement are checked; the plan cache may answer (:mod:`dcplan.save.cache`);
+       else :meth:`plan_global`:
+
+       a. index who holds what -> :mod:`dcplan.save.index` (built once, passed on);
+       b. holders of each key agree on kind, dtype, size -> :mod:`dcplan.save.verify`;
+       c. dedup -> ``dcplan_dedup`` -> the strategy (a plugin, gets ``index=``);
+       d. the strategy's output is verified -> :mod:`dcplan.save.verify`;
+       e. metadata -> ``dcplan_create_save_metadata`` -> :mod:`dcplan.save.metadata`;
+       f. validation -> ``dcplan_validate_global_plan`` -> :mod:`dcplan.save.validate`;
+       g. report -> ``dcplan_plan_report`` -> :mod:`dcplan.save.report` (once per save).
+
+       Steps b, d and f run when ``validate`` is on (the default).
+    4. scatter; :meth:`finish_plan` (every rank): -> ``dcplan_finish_save_plan``
+       (-> :mod:`dcplan.save.cache` when caching).
+    5. write (every rank): the storage writer calls :meth:`resolve_data`.
+
     :param config: a :class:`dcplan.Config` (used as is) or ``None`` to read
         ``DCPLAN_*`` env vars, ``dcplan.toml`` and ``[tool.dcplan]``.
     :param flatten_state_dict: flatten nested dicts (as torch's default does).
