@@ -377,6 +377,7 @@ def _check_tiling(index: PlanIndex, k: int, got: list[Any], whole: int, out: Vio
     from dcplan.save.validate import _overlaps
 
     ref = index.first[k].tensor_data
+    assert ref is not None and ref.chunk is not None  # a slice's container is a chunked tensor item
     what = _key_text(index, k)
     if whole:
         out.add(f"{what} is written whole and also as {len(got)} slice(s): its elements are written twice")
