@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import operator
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +107,8 @@ def check_consistency(index: PlanIndex, all_plans: Sequence[SavePlan]) -> None:
         ids = index.plan_ids(rep)
         pos = np.flatnonzero(multi[ids]).tolist() if len(ids) else []
         items = all_plans[rep].items
+        if all(map(operator.is_, map(items.__getitem__, pos), map(first.__getitem__, ids[pos].tolist()))):
+            continue  # this plan's copies are the index's own items (its lowest holder)
         for p in pos:
             item = items[p]
             k = int(ids[p])
@@ -184,54 +187,68 @@ def _ranks(ranks: Sequence[int]) -> str:
 
 # ------------------------------------------------------------------ after dedup
 def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = SHOWN) -> Violations:
-    """Every way ``deduped`` breaks the strategy contract with respect to ``index`` (see module doc)."""
+    """Every way ``deduped`` breaks the strategy contract with respect to ``index`` (see module doc).
+
+    All ranks' outputs are checked at once: one C-level key lookup per written
+    item, and one numpy search of (distinct plan, key) pairs for the holders.
+    """
+    import itertools
+
     import numpy as np
 
     out = Violations(keep)
     n = len(index)
-    written: list[Any] = []
+    world = index.world_size
+    if len(deduped) > world:
+        out.add(f"the strategy returned {len(deduped)} plans for {world} ranks")
+        deduped = deduped[:world]
+    counts = [len(p.items) for p in deduped]
+    bounds = list(itertools.accumulate(counts, initial=0))
+    items = list(itertools.chain.from_iterable(p.items for p in deduped))
+    ids = list(map(index.lookup.get, map(_KEY, items)))
     slices: list[tuple[int, WriteItem, int | None]] = []  # (rank, item, candidate key)
-    members = index.members()
-    rep_of = [0] * index.world_size
-    for rep, ranks in members.items():
-        for r in ranks:
-            rep_of[r] = rep
-    held_cache: dict[int, Any] = {}
-    first = index.first
-    for rank, plan in enumerate(deduped):
-        items = plan.items
-        if not items:
-            continue
-        if rank >= index.world_size:
-            out.add(f"rank {rank} does not exist (the strategy returned more plans than ranks)")
-            continue
-        ids = list(map(index.lookup.get, map(_KEY, items)))
-        whole_pos = _whole_positions(items, ids, first, slices, rank, out)
-        if not whole_pos:
-            continue
-        if len(whole_pos) == len(ids):
-            wids = np.array(ids, dtype=np.int64)
-        else:
-            wids = np.fromiter(map(ids.__getitem__, whole_pos), dtype=np.int64, count=len(whole_pos))
-        rep = rep_of[rank]
-        held = held_cache.get(rep)
-        if held is None:
-            held = held_cache[rep] = np.unique(index.plan_ids(rep))
-        at = np.searchsorted(held, wids)
-        ok = (at < len(held)) & (held[np.minimum(at, len(held) - 1)] == wids)
-        if not ok.all():
-            for j in np.flatnonzero(~ok).tolist():
-                if out.full:
-                    out.total += 1
-                    continue
-                k = int(wids[j])
-                out.add(f"rank {rank} writes {_key_text(index, k)}, which it does not hold "
-                        f"(holders: ranks {_ranks(index.holders[k])})")
-        written.append(wids)
-    count = np.bincount(np.concatenate(written), minlength=n) if written else np.zeros(n, dtype=np.int64)
+
+    def rank_at(pos: int) -> int:
+        return bisect_right(bounds, pos) - 1
+
+    whole_pos = _whole_positions(items, ids, index.first, slices, rank_at, out)
+    if len(whole_pos) == len(ids):
+        wids = np.array(ids, dtype=np.int64)
+        wranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    else:
+        wids = np.fromiter(map(ids.__getitem__, whole_pos), dtype=np.int64, count=len(whole_pos))
+        wranks = np.fromiter(map(rank_at, whole_pos), dtype=np.int64, count=len(whole_pos))
+    _check_holders(index, wids, wranks, out)
+    count = np.bincount(wids, minlength=n) if len(wids) else np.zeros(n, dtype=np.int64)
     sliced = _check_slices(index, slices, count, out)
     _check_counts(index, deduped, count, sliced, out)
     return out
+
+
+def _check_holders(index: PlanIndex, wids: Any, wranks: Any, out: Violations) -> None:
+    """Each (rank, key) written is held: a search in the sorted (distinct plan, key) pairs."""
+    import numpy as np
+
+    if not len(wids):
+        return
+    n = max(len(index), 1)
+    members = index.members()
+    rep_of = np.zeros(index.world_size, dtype=np.int64)
+    for rep, ranks in members.items():
+        rep_of[list(ranks)] = rep
+    held = np.unique(np.concatenate([rep * n + index.plan_ids(rep) for rep in members] or [np.zeros(0, np.int64)]))
+    query = rep_of[wranks] * n + wids
+    at = np.searchsorted(held, query)
+    ok = (at < len(held)) & (held[np.minimum(at, max(len(held) - 1, 0))] == query) if len(held) else query < 0
+    if ok.all():
+        return
+    for j in np.flatnonzero(~ok).tolist():
+        if out.full:
+            out.total += 1
+            continue
+        k, rank = int(wids[j]), int(wranks[j])
+        out.add(f"rank {rank} writes {_key_text(index, k)}, which it does not hold "
+                f"(holders: ranks {_ranks(index.holders[k])})")
 
 
 _TENSOR = operator.attrgetter(
@@ -244,7 +261,7 @@ def _whole_positions(
     ids: list[Any],
     first: Sequence[WriteItem],
     slices: list[Any],
-    rank: int,
+    rank_at: Any,
     out: Violations,
     block: int = 4096,
 ) -> list[int]:
@@ -268,15 +285,17 @@ def _whole_positions(
                     continue
             except AttributeError:  # object items, or a tensor item without a chunk
                 pass
-        keep.extend(start + p for p in _whole_slow(seg, sids, first, slices, rank, out))
+        keep.extend(start + p for p in _whole_slow(seg, sids, first, slices, lambda p, s=start: rank_at(s + p), out))
     return keep
 
 
 def _whole_slow(
-    items: Sequence[WriteItem], ids: list[Any], first: Sequence[WriteItem], slices: list[Any], rank: int, out: Violations
+    items: Sequence[WriteItem], ids: list[Any], first: Sequence[WriteItem], slices: list[Any], rank_at: Any,
+    out: Violations,
 ) -> list[int]:
     keep: list[int] = []
     for p, (item, k) in enumerate(zip(items, ids)):
+        rank = rank_at(p)
         if k is None:
             slices.append((rank, item, None))
             continue
