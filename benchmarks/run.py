@@ -117,6 +117,7 @@ TARGET_VERIFY_SHARE = 0.10
 def _bench_verify(plans: list[Any], digests: list[Any], repeat: int) -> dict[str, float]:
     """The core's checks around the strategy (part of the coordinator step above), timed alone."""
     import dcplan
+    from dcplan.gcpause import paused_gc
     from dcplan.save import verify
     from dcplan.save.index import index_plans
 
@@ -127,8 +128,9 @@ def _bench_verify(plans: list[Any], digests: list[Any], repeat: int) -> dict[str
         deduped = strategy.run(plans, strategy.resolve_options({}), idx)
 
         def checks(deduped: Any = deduped, name: str = name) -> None:
-            verify.check_consistency(idx, plans)
-            verify.verify_dedup(idx, deduped, name)
+            with paused_gc():  # as in the coordinator step
+                verify.check_consistency(idx, plans)
+                verify.verify_dedup(idx, deduped, name)
 
         secs, _ = _best(checks, repeat)
         out[f"dcplan {name}"] = secs

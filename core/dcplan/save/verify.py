@@ -22,6 +22,7 @@ A violation raises :class:`dcplan.errors.StrategyError` (after dedup) or
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from bisect import bisect_right
@@ -212,12 +213,13 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
         return bisect_right(bounds, pos) - 1
 
     whole_pos = _whole_positions(items, ids, index.first, slices, rank_at, out)
+    ranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     if len(whole_pos) == len(ids):
         wids = np.array(ids, dtype=np.int64)
-        wranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        wranks = ranks
     else:
         wids = np.fromiter(map(ids.__getitem__, whole_pos), dtype=np.int64, count=len(whole_pos))
-        wranks = np.fromiter(map(rank_at, whole_pos), dtype=np.int64, count=len(whole_pos))
+        wranks = ranks[np.asarray(whole_pos, dtype=np.int64)]
     _check_holders(index, wids, wranks, out)
     count = np.bincount(wids, minlength=n) if len(wids) else np.zeros(n, dtype=np.int64)
     sliced = _check_slices(index, slices, count, out)
@@ -295,9 +297,8 @@ def _whole_slow(
 ) -> list[int]:
     keep: list[int] = []
     for p, (item, k) in enumerate(zip(items, ids)):
-        rank = rank_at(p)
         if k is None:
-            slices.append((rank, item, None))
+            slices.append((rank_at(p), item, None))
             continue
         ref = first[k]
         if item is ref:
@@ -305,7 +306,7 @@ def _whole_slow(
             continue
         td, rtd = item.tensor_data, ref.tensor_data
         if (td is None) != (rtd is None):
-            out.add(f"rank {rank} writes {_where(item.index.fqn, None)} as "
+            out.add(f"rank {rank_at(p)} writes {_where(item.index.fqn, None)} as "
                     f"{'an object' if td is None else 'a tensor'}; it is held as "
                     f"{'an object' if rtd is None else 'a tensor'}")
             continue
@@ -315,10 +316,10 @@ def _whole_slow(
         if td.chunk is None or tuple(td.chunk.sizes) != tuple(rtd.chunk.sizes) or (
             tuple(td.chunk.offsets) != tuple(rtd.chunk.offsets)
         ):
-            slices.append((rank, item, k))
+            slices.append((rank_at(p), item, k))
             continue
         if td.properties.dtype != rtd.properties.dtype or tuple(td.size) != tuple(rtd.size):
-            out.add(f"rank {rank} writes {_where(item.index.fqn, None)} as {_describe(_signature(item))}; "
+            out.add(f"rank {rank_at(p)} writes {_where(item.index.fqn, None)} as {_describe(_signature(item))}; "
                     f"it is held as {_describe(_signature(ref))}")
             continue
         keep.append(p)
@@ -348,18 +349,12 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
     """Slices: inside a chunk their rank holds, index offset = chunk offset, tiling it exactly."""
     if not slices:
         return set()
-    wanted = {item.index.fqn for _, item, _ in slices}
-    by_fqn: dict[str, list[int]] = {}
-    for k, key in enumerate(index.keys):
-        if key.fqn in wanted:
-            by_fqn.setdefault(key.fqn, []).append(k)
+    by_fqn: dict[str, list[int]] | None = None
     pieces: dict[int, list[tuple[int, Any, Any]]] = {}
+    holders, first = index.holders, index.first
     for rank, item, cand in slices:
         fqn = item.index.fqn
         td = item.tensor_data
-        if fqn not in by_fqn:
-            out.add(f"rank {rank} writes {fqn!r}, which no rank holds (a strategy must not invent items)")
-            continue
         if td is None or td.chunk is None:
             out.add(f"rank {rank} writes {_where(fqn, item.index.offset)}, which no rank holds in that form")
             continue
@@ -370,17 +365,23 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
                     f"{None if off is None else tuple(off)}, not its chunk offset {ch[0]}: a load would fail "
                     "with KeyError (the index offset must equal the chunk offset)")
             continue
-        ks = [cand] if cand is not None else []
-        ks += [k for k in by_fqn[fqn] if k != cand]
-        container = [k for k in ks if index.first[k].tensor_data is not None
-                     and index.first[k].tensor_data.chunk is not None
-                     and _inside(index.first[k].tensor_data.chunk, ch)]
-        mine = [k for k in container if rank in index.holders[k]]
+        if cand is not None and rank in holders[cand] and _inside(first[cand].tensor_data.chunk, ch):
+            pieces.setdefault(cand, []).append((rank, ch, td))  # the usual split slice: its first piece
+            continue
+        if by_fqn is None:
+            by_fqn = _keys_by_fqn(index, {it.index.fqn for _, it, _ in slices})
+        if fqn not in by_fqn:
+            out.add(f"rank {rank} writes {fqn!r}, which no rank holds (a strategy must not invent items)")
+            continue
+        container = [k for k in by_fqn[fqn] if first[k].tensor_data is not None
+                     and first[k].tensor_data.chunk is not None
+                     and _inside(first[k].tensor_data.chunk, ch)]
+        mine = [k for k in container if rank in holders[k]]
         if not mine:
             if container:
                 k = container[0]
                 out.add(f"rank {rank} writes {_where(fqn, *ch)}, part of {_key_text(index, k)}, which it does "
-                        f"not hold (holders: ranks {_ranks(index.holders[k])})")
+                        f"not hold (holders: ranks {_ranks(holders[k])})")
             else:
                 out.add(f"rank {rank} writes {_where(fqn, *ch)}, which lies outside every chunk of {fqn!r} "
                         "that any rank holds")
@@ -389,6 +390,14 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
     for k, got in pieces.items():
         _check_tiling(index, k, got, int(count[k]), out)
     return set(pieces)
+
+
+def _keys_by_fqn(index: PlanIndex, wanted: set[str]) -> dict[str, list[int]]:
+    fqns = list(map(_FQN, index.keys))
+    out: dict[str, list[int]] = {}
+    for k in itertools.compress(range(len(fqns)), map(wanted.__contains__, fqns)):
+        out.setdefault(fqns[k], []).append(k)
+    return out
 
 
 def _check_tiling(index: PlanIndex, k: int, got: list[Any], whole: int, out: Violations) -> None:
