@@ -365,7 +365,7 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
                     f"{None if off is None else tuple(off)}, not its chunk offset {ch[0]}: a load would fail "
                     "with KeyError (the index offset must equal the chunk offset)")
             continue
-        if cand is not None and rank in holders[cand] and _inside(first[cand].tensor_data.chunk, ch):
+        if cand is not None and rank in holders[cand] and _held_chunk_contains(first[cand], ch):
             pieces.setdefault(cand, []).append((rank, ch, td))  # the usual split slice: its first piece
             continue
         if by_fqn is None:
@@ -373,9 +373,7 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
         if fqn not in by_fqn:
             out.add(f"rank {rank} writes {fqn!r}, which no rank holds (a strategy must not invent items)")
             continue
-        container = [k for k in by_fqn[fqn] if first[k].tensor_data is not None
-                     and first[k].tensor_data.chunk is not None
-                     and _inside(first[k].tensor_data.chunk, ch)]
+        container = [k for k in by_fqn[fqn] if _held_chunk_contains(first[k], ch)]
         mine = [k for k in container if rank in holders[k]]
         if not mine:
             if container:
@@ -390,6 +388,11 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
     for k, got in pieces.items():
         _check_tiling(index, k, got, int(count[k]), out)
     return set(pieces)
+
+
+def _held_chunk_contains(held: WriteItem, ch: tuple[Any, Any]) -> bool:
+    td = held.tensor_data
+    return td is not None and td.chunk is not None and _inside(td.chunk, ch)
 
 
 def _keys_by_fqn(index: PlanIndex, wanted: set[str]) -> dict[str, list[int]]:
