@@ -282,12 +282,22 @@ def _whole_positions(
                 keep.extend(range(start, start + len(seg)))
                 continue
             try:
-                if all(map(operator.eq, map(_TENSOR, seg), map(_TENSOR, refs))):
+                same = list(map(operator.eq, map(_TENSOR, seg), map(_TENSOR, refs)))
+            except AttributeError:  # object items, or a tensor item without a chunk
+                same = None
+            if same is not None:
+                if all(same):
                     keep.extend(range(start, start + len(seg)))
                     continue
-            except AttributeError:  # object items, or a tensor item without a chunk
-                pass
+                # a few differ (split slices, violations): only those take the per-item path
+                keep.extend(itertools.compress(range(start, start + len(seg)), same))
+                odd = [p for p, ok in enumerate(same) if not ok]
+                sub = _whole_slow([seg[p] for p in odd], [sids[p] for p in odd], first, slices,
+                                  lambda j, s=start, odd=odd: rank_at(s + odd[j]), out)
+                keep.extend(start + odd[j] for j in sub)
+                continue
         keep.extend(start + p for p in _whole_slow(seg, sids, first, slices, lambda p, s=start: rank_at(s + p), out))
+    keep.sort()
     return keep
 
 
