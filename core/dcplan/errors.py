@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 __all__ = [
@@ -13,6 +14,14 @@ __all__ = [
     "PlanValidationError",
     "MissingKeysError",
     "PluginWarning",
+    "PlanCacheError",
+    "CheckpointReadError",
+    "MetadataVersionError",
+    "UnsafeCheckpointError",
+    "RankPlanningError",
+    "CorruptCheckpointError",
+    "CheckpointPathError",
+    "StrategyError",
 ]
 
 
@@ -98,3 +107,103 @@ class MissingKeysError(DcplanError, RuntimeError):
 
     def __reduce__(self) -> tuple:  # type: ignore[type-arg]
         return (type(self), (self.missing, self.nested))
+
+
+class PlanCacheError(DcplanError, RuntimeError):
+    """The plan cache cannot resolve an "unchanged" marker; nothing was written."""
+
+
+HOW_TO_ALLOW = (
+    "if you trust that type, allow it with trusted_globals = [\"{name}\"] (dcplan.toml, "
+    "[tool.dcplan], DCPLAN_TRUSTED_GLOBALS or LoadPlanner(trusted_globals=[...])) or a plugin's "
+    "dcplan_safe_globals hook; trust_checkpoint = true (CLI: --trust) disables the check for the "
+    "whole checkpoint and is DANGEROUS: a crafted checkpoint can run code"
+)
+
+
+class UnsafeCheckpointError(DcplanError, pickle.UnpicklingError):
+    """A checkpoint needs a global (class or function) the safe loaders do not admit.
+
+    :ivar key: the state-dict key (or ``".metadata"``) being read.
+    :ivar blocked: the blocked globals, ``"module.name"``.
+    """
+
+    def __init__(self, key: str, blocked: Sequence[str], detail: str = "") -> None:
+        self.key = key
+        self.blocked = list(blocked)
+        names = ", ".join(self.blocked) if self.blocked else "an unsupported type"
+        what = "the checkpoint's .metadata" if key == ".metadata" else f"non-tensor item {key!r}"
+        msg = f"refusing to unpickle {what}: it needs {names}, which dcplan's safe loader does not allow"
+        if detail:
+            msg += f" ({detail})"
+        msg += "; " + HOW_TO_ALLOW.format(name=self.blocked[0] if self.blocked else "package.module.Class")
+        super().__init__(msg)
+
+
+class CheckpointReadError(DcplanError, ValueError):
+    """A path is not a readable DCP checkpoint (missing, not a checkpoint, corrupted, truncated)."""
+
+
+class MetadataVersionError(CheckpointReadError):
+    """``.metadata`` was written by a newer torch whose format this torch cannot read."""
+
+
+class CorruptCheckpointError(CheckpointReadError):
+    """A data file is missing, empty, truncated or fails its checksum (the message names file and item)."""
+
+
+class CheckpointPathError(CheckpointReadError):
+    """A storage entry points outside the checkpoint directory (``..``, absolute, a symlink out)."""
+
+
+class StrategyError(PlanValidationError):
+    """A dedup strategy's output broke the strategy contract; nothing was written.
+
+    :ivar strategy: the strategy's name; :ivar distribution: where it comes from;
+    :ivar violations: the violations found (plain words), first few shown.
+    """
+
+    def __init__(self, strategy: str, distribution: str | None, violations: Sequence[str], total: int = 0) -> None:
+        self.strategy = strategy
+        self.distribution = distribution
+        self.violations = list(violations)
+        self.total = max(total, len(self.violations))
+        DcplanError.__init__(self, self._message())
+        self.errors = list(self.violations)
+
+    def _message(self) -> str:
+        src = f" (distribution {self.distribution})" if self.distribution else ""
+        shown = self.violations[:5]
+        more = f"; and {self.total - len(shown)} more" if self.total > len(shown) else ""
+        return (
+            f"dcplan: strategy {self.strategy!r}{src} returned an invalid plan, nothing was written. "
+            f"{self.total} violation(s): " + "; ".join(shown) + more + ". A strategy must give every item that "
+            "some rank holds to exactly one of its holders (or cut it into slices, each inside a holder's chunk, "
+            "that tile it exactly), keep each item's MetadataIndex.offset equal to its chunk offset, and add "
+            "nothing. Fix or report the strategy, or choose another one (strategy = \"size_balanced\")"
+        )
+
+    def __reduce__(self) -> tuple:  # type: ignore[type-arg]
+        return (type(self), (self.strategy, self.distribution, self.violations, self.total))
+
+
+class RankPlanningError(DcplanError, RuntimeError):
+    """One or more ranks failed while building their planner or local plan; every rank raises this.
+
+    :ivar failures: ``(rank, "ErrorType: message")`` per failed rank.
+    """
+
+    def __init__(self, failures: Sequence[tuple[int, str]], side: str = "save") -> None:
+        self.failures = [(int(r), str(e)) for r, e in failures]
+        self.side = side
+        ranks = ", ".join(str(r) for r, _ in self.failures)
+        detail = " | ".join(f"rank {r}: {e}" for r, e in self.failures[:8])
+        more = f" (and {len(self.failures) - 8} more)" if len(self.failures) > 8 else ""
+        super().__init__(
+            f"dcplan: the {side} failed during planning on rank(s) {ranks}; nothing was "
+            f"{'written' if side == 'save' else 'read'}. {detail}{more}. Fix the problem on "
+            "those ranks (their config, DCPLAN_* environment and installed plugins) and retry"
+        )
+
+    def __reduce__(self) -> tuple:  # type: ignore[type-arg]
+        return (type(self), (self.failures, self.side))

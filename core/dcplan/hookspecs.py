@@ -111,7 +111,7 @@ def dcplan_create_local_save_plan(
 
 @hookspec(firstresult=True)
 def dcplan_dedup(
-    all_plans: Sequence[SavePlan], strategy: Strategy, options: dict[str, Any], config: Config
+    all_plans: Sequence[SavePlan], strategy: Strategy, options: dict[str, Any], config: Config, index: Any
 ) -> list[SavePlan] | None:
     """Apply the configured dedup strategy to the gathered local plans.
 
@@ -119,9 +119,13 @@ def dcplan_dedup(
     :param strategy: the :class:`dcplan.Strategy` config selected.
     :param options: the strategy's resolved options (defaults + config).
     :param config: the planner's resolved :class:`dcplan.Config`.
+    :param index: the :class:`dcplan.save.index.PlanIndex` of ``all_plans``, built
+        once per save by the planner (an implementation may leave it out of its
+        signature).
     :returns: a new list with one plan per rank in which every item is written
         by exactly one of its holders, or ``None`` to defer. The built-in calls
-        ``strategy.func(all_plans, **options)``.
+        ``strategy.func(all_plans, **options)``, adding ``index=index`` when the
+        function declares an ``index`` parameter.
     :runs on: the coordinator only.
     :results: first non-``None`` result wins.
     """

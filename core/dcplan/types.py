@@ -67,7 +67,9 @@ class Strategy:
     """A named dedup strategy, as returned by ``dcplan_register_strategies``.
 
     :param name: the name users put in config (``strategy = "name"``).
-    :param func: ``func(all_plans: Sequence[SavePlan], **options) -> list[SavePlan]``.
+    :param func: ``func(all_plans: Sequence[SavePlan], **options) -> list[SavePlan]``. A
+        function that also declares an ``index`` parameter gets the coordinator's
+        :class:`dcplan.save.index.PlanIndex` of ``all_plans`` (built once per save).
     :param description: one line shown by ``dcplan plugins``.
     :param options: the option names the strategy accepts with their defaults.
         Config's ``strategy_options`` may set only these; others are an error.
@@ -86,8 +88,30 @@ class Strategy:
         """Return the defaults overlaid with ``given``; unknown names are an error."""
         return _resolve_options(self.name, self.options, self.check_options, given)
 
-    def __call__(self, all_plans: Sequence[SavePlan], **options: Any) -> list[SavePlan]:
-        return self.func(all_plans, **self.resolve_options(options))
+    @property
+    def takes_index(self) -> bool:
+        """Whether ``func`` declares an ``index`` parameter (the coordinator's :class:`~dcplan.save.index.PlanIndex`)."""
+        return _takes_index(self.func)
+
+    def run(self, all_plans: Sequence[SavePlan], options: Mapping[str, Any], index: Any = None) -> list[SavePlan]:
+        """Call ``func`` with resolved ``options``; ``index`` is passed only when ``func`` declares it."""
+        if index is not None and self.takes_index:
+            return self.func(all_plans, index=index, **options)
+        return self.func(all_plans, **options)
+
+    def __call__(self, all_plans: Sequence[SavePlan], index: Any = None, **options: Any) -> list[SavePlan]:
+        return self.run(all_plans, self.resolve_options(options), index)
+
+
+def _takes_index(func: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    p = params.get("index")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 @attrs.frozen

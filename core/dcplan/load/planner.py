@@ -29,26 +29,17 @@ from dcplan import compat
 from dcplan.compat import LoadPlan, Metadata, ReadItem
 from dcplan.config import Config, resolve_config
 from dcplan.errors import ConfigError, MissingKeysError
+from dcplan.failures import carry, raise_carried
 from dcplan.fmt import format_path
-from dcplan.load.report import LoadReport, Mismatch, _pairs
+from dcplan.load.report import LoadReport, Mismatch, _pairs, find_mismatches
 from dcplan.load.strategy import LOAD_INFO_KEY
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 
 log = logging.getLogger("dcplan")
 
 REPORT_KEY = "dcplan_load_report"
+FAILURE_KEY = "dcplan_failure"
 
-
-
-def _dtype_name(dtype: Any) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _tensor_shape(obj: Any) -> tuple[int, ...] | None:
-    size = getattr(obj, "size", None)
-    if not callable(size) or not isinstance(obj, torch.Tensor):
-        return None
-    return tuple(int(s) for s in size())
 
 
 def _user_path(root: Any, path: Sequence[Any]) -> list[Any]:
@@ -78,6 +69,23 @@ def _strip_report(plan: LoadPlan) -> LoadPlan:
 class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignore[misc]
     """Drop-in ``LoadPlanner`` whose steps run through dcplan's hooks.
 
+    The protocol, as ``dcp.load`` drives it (step -> hook -> module):
+
+    0. ``LoadPlanner()`` (every rank): config and the partial-load plugin check;
+       inside a process group an error is carried to step 4 (:mod:`dcplan.failures`).
+    1. read the metadata (every rank) -> the storage reader (:mod:`dcplan.load.safe`).
+    2. :meth:`set_up_planner` (every rank): the state dict to fill ->
+       ``dcplan_set_up_load_state_dict``; then torch's flattening (:mod:`dcplan.compat`).
+    3. :meth:`create_local_plan` (every rank): missing keys ->
+       ``dcplan_missing_keys_policy``; shape/dtype mismatches ->
+       :func:`dcplan.load.report.find_mismatches`; read items ->
+       ``dcplan_create_local_load_plan`` (built-in: :mod:`dcplan.builtin`).
+    4. gather; :meth:`create_global_plan` (coordinator): carried failures; the merged
+       :class:`~dcplan.load.report.LoadReport`; -> ``dcplan_create_global_load_plan``.
+    5. scatter; :meth:`finish_plan` (every rank).
+    6. read (every rank): tensors in place (:meth:`resolve_tensor`), objects through
+       :meth:`load_bytes` -> :func:`dcplan.load.safe.load_object`.
+
     Strict by default: every key of the state dict must be in the checkpoint,
     and all missing keys are reported at once during planning, on every rank,
     before any tensor is read. ``dcplan-partial-load`` relaxes that by config.
@@ -106,8 +114,9 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         )
         if allow_partial_load is not None:
             overrides.setdefault("partial_load", bool(allow_partial_load))
-        self.config, self.config_sources = resolve_config(config, overrides)
         self._pm = plugin_manager
+        #: the error this rank carries to the planning collective (see :mod:`dcplan.failures`)
+        self.failure: str | None = None
         self.skip_keys: set[str] = set()
         self.missing_keys: list[str] = []
         self.mismatches: list[Mismatch] = []
@@ -116,12 +125,20 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         self.mappings: dict[str, Any] = {}
         self.metadata: Metadata | None = None
         self.is_coordinator = False
+        self.load_session: Any = None
+        self.load_stats: Any = None
+        compat.install_metadata_format_guard()
+        try:
+            self._configure(config, overrides)
+        except Exception as exc:
+            carry(self, exc, "LoadPlanner()")
+
+    def _configure(self, config: Config | Mapping[str, Any] | None, overrides: dict[str, Any]) -> None:
+        self.config, self.config_sources = resolve_config(config, overrides)
         self._check_partial_load_plugin()
         # -- load strategy (dcplan_register_load_strategies; see dcplan.load.strategy)
         self.load_strategy = self.plugin_manager.get_load_strategy(self.config.load_strategy)
         self.load_strategy_options = self.load_strategy.resolve_options(self.config.load_strategy_options)
-        self.load_session: Any = None
-        self.load_stats: Any = None
         from dcplan.load.safe import check_trusted_globals
 
         check_trusted_globals(self.config)
@@ -150,6 +167,16 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
     ) -> None:
         if metadata is None:
             raise ValueError("dcplan.LoadPlanner needs the checkpoint metadata (torch passes it to set_up_planner)")
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+        self.original_state_dict = state_dict
+        if self.failure is None:
+            try:
+                self._set_up(state_dict, metadata, is_coordinator)
+            except Exception as exc:
+                carry(self, exc, "set_up_planner")
+
+    def _set_up(self, state_dict: dict[str, Any], metadata: Metadata, is_coordinator: bool) -> None:
         new_sd = self.hook.dcplan_set_up_load_state_dict(
             planner=self, state_dict=state_dict, metadata=metadata, is_coordinator=is_coordinator
         )
@@ -198,26 +225,21 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
 
     def _find_mismatches(self) -> list[Mismatch]:
         assert self.metadata is not None
-        md = self.metadata.state_dict_metadata
-        out = []
-        for fqn in sorted(self.state_dict):
-            entry = md.get(fqn)
-            if not isinstance(entry, compat.TensorStorageMetadata):
-                continue
-            obj = self.state_dict[fqn]
-            shape = _tensor_shape(obj)
-            if shape is None:
-                continue
-            ck_shape = tuple(int(s) for s in entry.size)
-            ck_dtype = _dtype_name(getattr(entry.properties, "dtype", None))
-            sd_dtype = _dtype_name(obj.dtype)
-            if ck_shape != shape or ck_dtype != sd_dtype:
-                out.append(Mismatch(fqn, self.nested_key(fqn), ck_shape, shape, ck_dtype, sd_dtype))
-        return out
+        return find_mismatches(self.state_dict, self.metadata, self.nested_key)
 
     def create_local_plan(self) -> LoadPlan:
         if self.metadata is None:
             raise RuntimeError("dcplan.LoadPlanner.create_local_plan called before set_up_planner")
+        if self.failure is None:
+            try:
+                return self._create_local_plan()
+            except Exception as exc:
+                carry(self, exc, "create_local_plan")
+        # this rank failed: it still joins the collective, with its error instead of a plan
+        return LoadPlan([], planner_data={FAILURE_KEY: self.failure})
+
+    def _create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
         self._maybe_old_format()
         md_keys = self.metadata.state_dict_metadata
         self.missing_keys = sorted(k for k in self.state_dict if k not in md_keys)
@@ -256,6 +278,13 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         )
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        raise_carried(
+            (
+                (r, p.planner_data.get(FAILURE_KEY) if isinstance(p.planner_data, Mapping) else None)
+                for r, p in enumerate(global_plan)
+            ),
+            "load",
+        )
         reports = []
         for plan in global_plan:
             data = plan.planner_data
@@ -318,7 +347,11 @@ class LoadPlanner(HookedPlannerMixin, compat.DefaultLoadPlanner):  # type: ignor
         if self.flatten_state_dict:
             compat.set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
+            # the user's dict, not only the (possibly re-built) working copy: torch's
+            # DefaultLoadPlanner drops non-tensor values here
             self.state_dict[fqn] = obj
+            if self.original_state_dict is not self.state_dict:
+                self.original_state_dict[fqn] = obj
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         if self.load_session is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -35,6 +35,38 @@ class Mismatch:
             parts.append(f"dtype {self.checkpoint_dtype} in the checkpoint vs {self.state_dict_dtype} requested")
         name = self.key if self.nested in ("", self.key) else f"{self.key} ({self.nested})"
         return f"{name}: {', '.join(parts)}"
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def find_mismatches(
+    state_dict: Mapping[str, Any], metadata: Any, nested_key: Callable[[str], str] = str
+) -> list[Mismatch]:
+    """The requested tensors (of a flattened ``state_dict``) whose shape or dtype differs from the checkpoint's.
+
+    The one shape/dtype comparison of a load: :class:`dcplan.LoadPlanner` reports
+    these, and the built-in local load plan refuses the shape mismatches.
+    """
+    import torch
+
+    from dcplan.compat import TensorStorageMetadata
+
+    md = metadata.state_dict_metadata
+    out = []
+    for fqn in sorted(state_dict):
+        entry = md.get(fqn)
+        obj = state_dict[fqn]
+        if not isinstance(entry, TensorStorageMetadata) or not isinstance(obj, torch.Tensor):
+            continue
+        shape = tuple(int(s) for s in obj.size())
+        ck_shape = tuple(int(s) for s in entry.size)
+        ck_dtype = _dtype_name(getattr(entry.properties, "dtype", None))
+        sd_dtype = _dtype_name(obj.dtype)
+        if ck_shape != shape or ck_dtype != sd_dtype:
+            out.append(Mismatch(fqn, nested_key(fqn), ck_shape, shape, ck_dtype, sd_dtype))
+    return out
 
 
 def _pairs(keys: Sequence[str], nested: Sequence[str]) -> tuple[tuple[str, str], ...]:

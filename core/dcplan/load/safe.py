@@ -22,14 +22,21 @@ import dataclasses
 import enum
 import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 import torch
 
 from dcplan import compat
 from dcplan.config import Config
-from dcplan.errors import ConfigError, DcplanError
+from dcplan.errors import (  # defined in errors.py, re-exported here where they were public
+    CheckpointPathError,
+    CheckpointReadError,
+    ConfigError,
+    CorruptCheckpointError,
+    MetadataVersionError,
+    UnsafeCheckpointError,
+)
 
 __all__ = [
     "CheckpointPathError",
@@ -44,49 +51,6 @@ __all__ = [
     "metadata_allow_list",
     "read_metadata_file",
 ]
-
-_HOW_TO_ALLOW = (
-    "if you trust that type, allow it with trusted_globals = [\"{name}\"] (dcplan.toml, "
-    "[tool.dcplan], DCPLAN_TRUSTED_GLOBALS or LoadPlanner(trusted_globals=[...])) or a plugin's "
-    "dcplan_safe_globals hook; trust_checkpoint = true (CLI: --trust) disables the check for the "
-    "whole checkpoint and is DANGEROUS: a crafted checkpoint can run code"
-)
-
-
-class UnsafeCheckpointError(DcplanError, pickle.UnpicklingError):
-    """A checkpoint needs a global (class or function) the safe loaders do not admit.
-
-    :ivar key: the state-dict key (or ``".metadata"``) being read.
-    :ivar blocked: the blocked globals, ``"module.name"``.
-    """
-
-    def __init__(self, key: str, blocked: Sequence[str], detail: str = "") -> None:
-        self.key = key
-        self.blocked = list(blocked)
-        names = ", ".join(self.blocked) if self.blocked else "an unsupported type"
-        what = "the checkpoint's .metadata" if key == ".metadata" else f"non-tensor item {key!r}"
-        msg = f"refusing to unpickle {what}: it needs {names}, which dcplan's safe loader does not allow"
-        if detail:
-            msg += f" ({detail})"
-        msg += "; " + _HOW_TO_ALLOW.format(name=self.blocked[0] if self.blocked else "package.module.Class")
-        super().__init__(msg)
-
-
-class CheckpointReadError(DcplanError, ValueError):
-    """A path is not a readable DCP checkpoint (missing, not a checkpoint, corrupted, truncated)."""
-
-
-class MetadataVersionError(CheckpointReadError):
-    """``.metadata`` was written by a newer torch whose format this torch cannot read."""
-
-
-class CorruptCheckpointError(CheckpointReadError):
-    """A data file is missing, empty, truncated or fails its checksum (the message names file and item)."""
-
-
-class CheckpointPathError(CheckpointReadError):
-    """A storage entry points outside the checkpoint directory (``..``, absolute, a symlink out)."""
-
 
 # ---------------------------------------------------------------- globals
 _NUMPY_GLOBALS = (

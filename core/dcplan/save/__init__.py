@@ -3,7 +3,8 @@
 1. :mod:`dcplan.save.local` — every rank: its local plan and the plan's digest.
 2. gather — torch gathers the local plans on the coordinator.
 3. :mod:`dcplan.save.index` — coordinator: who holds what (one pass over the plans).
-4. dedup — coordinator: the strategy picks one writer per item (a plugin).
+4. :mod:`dcplan.save.verify` — coordinator: holders agree on each key (before dedup); dedup — the
+   strategy picks one writer per item (a plugin); the strategy's output is verified (after dedup).
 5. :mod:`dcplan.save.metadata` — coordinator: the checkpoint's metadata and index hints.
 6. :mod:`dcplan.save.validate` — coordinator: the global plan is complete and consistent.
 7. :mod:`dcplan.save.report` — coordinator: bytes per rank against a lower bound.

@@ -88,7 +88,7 @@ import attrs
 
 from dcplan import compat
 from dcplan.compat import ChunkStorageMetadata, Metadata, SavePlan, TensorWriteData, WriteItem
-from dcplan.errors import DcplanError
+from dcplan.errors import PlanCacheError  # re-exported (public name of this module)
 
 if TYPE_CHECKING:  # pragma: no cover
     from dcplan.config import Config
@@ -100,16 +100,13 @@ __all__ = [
     "CacheAck",
     "PlanCacheError",
     "plan_fingerprint",
+    "structure_fingerprint",
     "default_namespace",
     "get_store",
     "clear_plan_caches",
 ]
 
 log = logging.getLogger("dcplan")
-
-
-class PlanCacheError(DcplanError, RuntimeError):
-    """The plan cache cannot resolve an "unchanged" marker; nothing was written."""
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -166,7 +163,7 @@ def _digest(parts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def plan_fingerprint(plan: SavePlan, *extra: Any) -> str:
+def structure_fingerprint(plan: SavePlan, *extra: Any) -> str:
     """A digest of a plan's structure: every item (fqn, offsets, chunk, global
     size, tensor properties, type, bytes size, index hint), ``planner_data``,
     ``storage_data`` and ``extra`` values (by ``repr``). Independent of
@@ -174,6 +171,10 @@ def plan_fingerprint(plan: SavePlan, *extra: Any) -> str:
     """
     head = [repr(plan.planner_data), repr(plan.storage_data), *(repr(e) for e in extra)]
     return _digest([*head, *map(_item_key, plan.items)])
+
+
+#: the old name of :func:`structure_fingerprint`
+plan_fingerprint = structure_fingerprint
 
 
 def default_namespace(planner: Any) -> str:
@@ -418,7 +419,7 @@ class PlanCache:
             bool(getattr(planner, "flatten_state_dict", True)),
             bool(getattr(planner, "flatten_sharded_tensors", True)),
         )
-        return plan_fingerprint(plan, *extra)
+        return structure_fingerprint(plan, *extra)
 
     # -- every rank: after the local plan ------------------------------
     def local_step(self, planner: Any, plan: SavePlan) -> tuple[SavePlan, CacheMsg]:
@@ -475,8 +476,11 @@ class PlanCache:
 
     def global_step(
         self, planner: Any, all_plans: Sequence[SavePlan], payloads: Sequence[Any]
-    ) -> tuple[list[SavePlan], list[SavePlan], Metadata] | None:
-        """On a hit: ``(delta, global_plan, metadata)`` from the cache; else ``None``."""
+    ) -> tuple[list[SavePlan], list[SavePlan], Metadata, Any] | None:
+        """On a hit: ``(delta, global_plan, metadata, report)`` from the cache; else ``None``.
+
+        The planner publishes the returned report (once per save, hit or miss).
+        """
         msgs = self._collect(payloads)
         self._msgs = msgs
         world = len(all_plans)
@@ -500,17 +504,7 @@ class PlanCache:
         self.outcome = "hit"
         gen = found.gen
         delta = [_marker_plan(CacheAck(gen=gen, world=world, pos=r, reuse=(gen, r))) for r in range(world)]
-        planner.report = found.report
-        self._publish_report(planner)
-        return delta, [_copy_plan(p) for p in found.global_plan], _copy_metadata(found.metadata)
-
-    def _publish_report(self, planner: Any) -> None:
-        report = planner.report
-        if report is None:
-            return
-        if getattr(planner.config, "report", False) and hasattr(report, "summary"):
-            log.info("%s (plan cache hit)", report.summary())
-        planner.hook.dcplan_plan_report(report=report, config=planner.config)
+        return delta, [_copy_plan(p) for p in found.global_plan], _copy_metadata(found.metadata), found.report
 
     def full_local_plans(
         self, planner: Any, all_plans: Sequence[SavePlan], payloads: Sequence[Any]
@@ -549,16 +543,21 @@ class PlanCache:
         return out
 
     def commit_global(
-        self, planner: Any, local_plans: Sequence[SavePlan], global_plan: Sequence[SavePlan], metadata: Metadata
+        self,
+        planner: Any,
+        local_plans: Sequence[SavePlan],
+        global_plan: Sequence[SavePlan],
+        metadata: Metadata,
+        report: Any = None,
     ) -> list[SavePlan]:
-        """Record a successful plan; return what to scatter (markers where a
-        rank's cached final plan is still right)."""
+        """Record a successful plan (and its ``report``, returned on later hits);
+        return what to scatter (markers where a rank's cached final plan is still right)."""
         msgs = self._msgs
         if msgs is None or len(msgs) != len(global_plan):
             raise PlanCacheError("dcplan plan cache: commit_global without a matching global_step (internal error)")
         world = len(global_plan)
         ns = self._namespace(msgs)
-        global_fps = tuple(plan_fingerprint(p) for p in global_plan)
+        global_fps = tuple(structure_fingerprint(p) for p in global_plan)
         store = self.store
         with store.lock:
             reuse: list[Ref | None] = []
@@ -577,7 +576,7 @@ class PlanCache:
                 global_plan=[_copy_plan(p) for p in global_plan],
                 global_fps=global_fps,
                 metadata=_copy_metadata(metadata),  # the storage writer mutates the one it gets
-                report=getattr(planner, "report", None),
+                report=report,
             )
             slots = store.coord.setdefault(world, OrderedDict())
             slots.pop(ns, None)

@@ -7,8 +7,6 @@ import itertools
 import logging
 import math
 import operator
-import threading
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,28 +14,12 @@ from dcplan.compat import (
     SavePlan,
     WriteItem,
 )
+from dcplan.save.local import _ITEMSIZE, item_nbytes
 
 log = logging.getLogger("dcplan")
 
-_ITEMSIZE: dict[Any, int] = {}
-
-
-def fast_nbytes(item: WriteItem) -> int:
-    """Bytes an item writes (same value as :func:`dcplan.save.local.item_nbytes`, cheaper).
-
-    Tensor items weigh ``prod(chunk.sizes) * element size``; non-tensor items
-    their recorded serialized size (torch 2.8+) or 1.
-    """
-    td = item.tensor_data
-    if td is None:
-        n = getattr(getattr(item, "bytes_io_data", None), "nbytes", None)
-        return int(n) if n else 1
-    dtype = td.properties.dtype
-    size = _ITEMSIZE.get(dtype)
-    if size is None:
-        size = _ITEMSIZE[dtype] = int(dtype.itemsize)
-    chunk = td.chunk
-    return math.prod(chunk.sizes if chunk is not None else td.size) * size
+#: the same function as :func:`dcplan.save.local.item_nbytes` (kept under its old name)
+fast_nbytes = item_nbytes
 
 
 _TD = operator.attrgetter("tensor_data")
@@ -46,10 +28,10 @@ _DTYPE = operator.attrgetter("properties.dtype")
 
 
 def nbytes_list(items: Sequence[WriteItem], block: int = 4096) -> list[int]:
-    """:func:`fast_nbytes` of every item, computed with C-level maps where possible.
+    """:func:`dcplan.save.local.item_nbytes` of every item, computed with C-level maps where possible.
 
     Blocks of tensor items with chunks (the common case) avoid a Python call
-    per item; a block holding an object item falls back to :func:`fast_nbytes`.
+    per item; a block holding an object item falls back to ``item_nbytes``.
     """
     out: list[int] = []
     for start in range(0, len(items), block):
@@ -59,7 +41,7 @@ def nbytes_list(items: Sequence[WriteItem], block: int = 4096) -> list[int]:
             sizes = list(map(_CHUNK_SIZES, tds))
             dtypes = list(map(_DTYPE, tds))
         except AttributeError:  # an object item, or a tensor item without a chunk
-            out.extend(map(fast_nbytes, seg))
+            out.extend(map(item_nbytes, seg))
             continue
         for dtype in set(dtypes).difference(_ITEMSIZE):
             _ITEMSIZE[dtype] = int(dtype.itemsize)
@@ -79,7 +61,9 @@ class PlanIndex:
     * ``holders[k]``: the ranks holding it, a tuple, ascending, no duplicates;
     * ``nbytes[k]``: the bytes it writes;
     * ``ids[rank]``: the key id of each item of that rank's plan, in plan order
-      (ranks with the same plan digest share one list: treat it as read-only).
+      (ranks with the same plan digest share one list: treat it as read-only);
+    * ``lookup``: ``(fqn, offset) -> k`` (read-only);
+    * :meth:`members`: each distinct plan's lowest rank -> the ranks sharing it.
 
     :param digests: optional, one per rank: a digest of that rank's item keys
         (:func:`dcplan.save.local.plan_digest`, computed by each rank on its own
@@ -90,7 +74,7 @@ class PlanIndex:
     """
 
     __slots__ = (
-        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_members", "_flat", "_bounds", "__weakref__"
+        "world_size", "keys", "first", "holders", "ids", "lookup", "_nbytes", "_members", "_flat", "_bounds"
     )
 
     def __init__(self, all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> None:
@@ -144,6 +128,7 @@ class PlanIndex:
             all_ids.append(ids)
             rep_of.append(rank)
         self.world_size = len(all_plans)
+        self.lookup = lookup
         self.keys = keys
         self.first = first
         self.ids = all_ids
@@ -162,6 +147,14 @@ class PlanIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def members(self) -> Mapping[int, Sequence[int]]:
+        """Each distinct plan's lowest rank -> every rank sharing its id list (ascending)."""
+        return self._members
+
+    def plan_ids(self, rep: int) -> Any:
+        """The key ids of distinct plan ``rep`` (a key of :meth:`members`), in plan order, as a numpy array."""
+        return self._flat[self._bounds[rep] : self._bounds[rep + 1]]
 
     def fixed_loads(self) -> list[int]:
         """Per rank: bytes of the items only that rank holds."""
@@ -266,46 +259,16 @@ def _holders(
     return out, flat, bounds
 
 
-_cache_lock = threading.Lock()
-_cache: tuple[list[weakref.ref[Any]], list[int], PlanIndex] | None = None
-
-
-def clear_index_cache() -> None:
-    """Forget the remembered :class:`PlanIndex` (benchmarks time cold runs)."""
-    global _cache
-    with _cache_lock:
-        _cache = None
-
-
 def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> PlanIndex:
-    """Build a :class:`PlanIndex` (one dict lookup per entry of each distinct plan).
+    """Build a :class:`PlanIndex` of ``all_plans`` (one dict lookup per entry of each distinct plan).
 
-    The last index is remembered while its plans are alive, so the strategy and
-    the report of one save (same plan objects) index the plans only once.
+    Nothing is remembered: :class:`dcplan.SavePlanner` builds the index once per
+    save and passes it to the strategy (``index=``) and to the report. Call this
+    only where no index was handed to you.
 
-    :param digests: per rank, a digest of its plan's keys or ``None`` (see
-        :class:`PlanIndex`); only used when the index is built here.
+    :param digests: per rank, a digest of its plan's keys or ``None`` (see :class:`PlanIndex`).
     """
-    global _cache
-    plans = list(all_plans)
-    with _cache_lock:
-        cached = _cache
-    if cached is not None:
-        refs, lens, idx = cached
-        if (
-            len(refs) == len(plans)
-            and all(r() is p for r, p in zip(refs, plans))
-            and all(len(p.items) == n for p, n in zip(plans, lens))
-        ):
-            return idx
-    idx = PlanIndex(plans, digests)
-    try:
-        entry = ([weakref.ref(p) for p in plans], [len(p.items) for p in plans], idx)
-    except TypeError:  # pragma: no cover - a plan type without weakref support
-        return idx
-    with _cache_lock:
-        _cache = entry
-    return idx
+    return PlanIndex(list(all_plans), digests)
 
 
 def holders_and_sizes(

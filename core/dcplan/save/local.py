@@ -12,7 +12,6 @@ import torch
 
 from dcplan import compat
 from dcplan.compat import (
-    ChunkStorageMetadata,
     SavePlan,
     WriteItem,
     WriteItemType,
@@ -28,14 +27,24 @@ _FQN = operator.attrgetter("index.fqn")
 _OFFSET = operator.attrgetter("index.offset")
 
 
+_TD = operator.attrgetter("tensor_data")
+
+
+def _shape_of(td: Any) -> Any:
+    return None if td is None else (td.properties.dtype, td.size)
+
+
 def plan_digest(items: Sequence[WriteItem]) -> bytes:
-    """A 16-byte digest of the keys (fqn, offset) of a plan's items, in order.
+    """A 16-byte digest of a plan's item keys (fqn, offset) and kinds (dtype and global size, or object), in order.
 
     Each rank computes it on its own local plan (a C-level pass: about a
     millisecond per 3,000 items) and sends it with the plan; the
     coordinator indexes ranks with equal digests once
     (:class:`dcplan.save.index.PlanIndex`), which removes the per-entry work that
-    dominates its planning time on replicated layouts (DDP, HSDP, TP x PP x DP).
+    dominates its planning time on replicated layouts (DDP, HSDP, TP x PP x DP),
+    and compares only one rank per digest in the cross-rank consistency check
+    (:func:`dcplan.save.verify.check_consistency`), since equal digests mean
+    equal dtypes and sizes.
     Equal key sequences usually give equal digests; unequal ones never do
     (pickle is injective and BLAKE2b collisions are out of reach), and an
     unexpected difference only costs speed.
@@ -44,28 +53,32 @@ def plan_digest(items: Sequence[WriteItem]) -> bytes:
     import pickle
 
     offsets = [None if o is None else tuple(o) for o in map(_OFFSET, items)]  # bytes items: None
-    data = pickle.dumps((list(map(_FQN, items)), offsets), protocol=4)
+    kinds = [None if k is None else (str(k[0]), tuple(k[1])) for k in map(_shape_of, map(_TD, items))]
+    data = pickle.dumps((list(map(_FQN, items)), offsets, kinds), protocol=4)
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def chunk_of(item: WriteItem) -> ChunkStorageMetadata | None:
-    td = item.tensor_data
-    return td.chunk if td is not None else None
+_ITEMSIZE: dict[Any, int] = {}
 
 
 def item_nbytes(item: WriteItem) -> int:
-    """Bytes this item actually writes: chunk numel x element size.
+    """Bytes this item writes: chunk numel x element size (the one definition of item bytes).
 
-    Non-tensor items weigh their serialized size when the local plan recorded it
-    (``bytes_io_data.nbytes``, torch 2.8+), else 1.
+    Tensor items without a chunk weigh their whole tensor; non-tensor items their
+    serialized size when the local plan recorded it (``bytes_io_data.nbytes``,
+    torch 2.8+), else 1. :func:`dcplan.save.index.nbytes_list` computes the same
+    for many items at once.
     """
     td = item.tensor_data
     if td is None:
         n = compat.bytes_item_size(item)
         return int(n) if n else 1
-    sizes = td.chunk.sizes if td.chunk is not None else td.size
     dtype = td.properties.dtype
-    return int(math.prod(sizes)) * torch.empty((), dtype=dtype).element_size()
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+        size = _ITEMSIZE[dtype] = int(dtype.itemsize)
+    chunk = td.chunk
+    return math.prod(chunk.sizes if chunk is not None else td.size) * size
 
 
 def _serialized_size(obj: Any) -> int:

@@ -20,7 +20,8 @@ import torch
 from dcplan import compat
 from dcplan.compat import MetadataIndex, SavePlan, WriteItem, WriteItemType
 from dcplan.config import Config, resolve_config
-from dcplan.errors import PlanMismatchError, PlanValidationError
+from dcplan.errors import DcplanError, PlanMismatchError, PlanValidationError, PluginError
+from dcplan.failures import carry, raise_carried
 from dcplan.manager import DcplanPluginManager, HookedPlannerMixin
 from dcplan.save import exchange, wire
 from dcplan.save.local import plan_digest
@@ -39,17 +40,47 @@ class RankPayload:
     checkpoint's ``Metadata.planner_data``); ``agreement`` is what every rank must
     share (strategy, options, plugins); ``cache`` is the plan cache's message;
     ``digest`` is :func:`dcplan.save.local.plan_digest` of the rank's full local
-    plan, so the coordinator indexes identical plans once.
+    plan, so the coordinator indexes identical plans once; ``failure`` is the
+    error this rank's planner carries instead of a plan.
     """
 
     mapping: Any
     agreement: tuple[Any, ...]
     cache: Any = None
     digest: bytes | None = None
+    #: ``"ErrorType: message (in step)"`` when this rank's planner failed (see :mod:`dcplan.failures`)
+    failure: str | None = None
 
 
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
     """Drop-in ``SavePlanner`` whose dedup strategy comes from config and plugins.
+
+    The protocol, as ``dcp.save`` drives it (step -> hook -> module):
+
+    0. ``SavePlanner()`` (every rank): config, strategy and its options
+       (``Strategy.check_options``) are resolved; inside a process group an error is
+       kept and carried to step 3 (:mod:`dcplan.failures`) instead of raised alone.
+    1. :meth:`set_up_planner` (every rank): flatten the state dict -> torch's
+       flattening (:mod:`dcplan.compat`).
+    2. :meth:`create_local_plan` (every rank): the rank's items ->
+       ``dcplan_create_local_save_plan`` -> :mod:`dcplan.save.local`; plus the
+       :class:`RankPayload` (agreement, digest, cache message, carried failure).
+    3. gather; :meth:`create_global_plan` (coordinator): carried failures and
+       agreement are checked; the plan cache may answer (:mod:`dcplan.save.cache`);
+       else :meth:`plan_global`:
+
+       a. index who holds what -> :mod:`dcplan.save.index` (built once, passed on);
+       b. holders of each key agree on kind, dtype, size -> :mod:`dcplan.save.verify`;
+       c. dedup -> ``dcplan_dedup`` -> the strategy (a plugin, gets ``index=``);
+       d. the strategy's output is verified -> :mod:`dcplan.save.verify`;
+       e. metadata -> ``dcplan_create_save_metadata`` -> :mod:`dcplan.save.metadata`;
+       f. validation -> ``dcplan_validate_global_plan`` -> :mod:`dcplan.save.validate`;
+       g. report -> ``dcplan_plan_report`` -> :mod:`dcplan.save.report` (once per save).
+
+       Steps b, d and f run when ``validate`` is on (the default).
+    4. scatter; :meth:`finish_plan` (every rank): -> ``dcplan_finish_save_plan``
+       (-> :mod:`dcplan.save.cache` when caching).
+    5. write (every rank): the storage writer calls :meth:`resolve_data`.
 
     :param config: a :class:`dcplan.Config` (used as is) or ``None`` to read
         ``DCPLAN_*`` env vars, ``dcplan.toml`` and ``[tool.dcplan]``.
@@ -76,12 +107,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         compat.DefaultSavePlanner.__init__(
             self, flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=flatten_sharded_tensors
         )
-        self.config, self.config_sources = resolve_config(config, overrides)
         self._pm = plugin_manager
-        # the default strategy falls back to the built-in `torch` when dcplan-size-balanced is absent
-        explicit = self.config_sources.get("strategy", "default") != "default"
-        self.strategy = self.plugin_manager.resolve_strategy(self.config.strategy, explicit=explicit)
-        self.strategy_options = self.strategy.resolve_options(self.config.strategy_options)
         self.report: Any = None
         self.timings: dict[str, float] = {}
         self.mappings: dict[str, Any] = {}
@@ -90,6 +116,20 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self._sent_items: list[WriteItem] = []
         self.plan_store: PlanStore | None = None
         self.cache: Any = None
+        #: the error this rank carries to the planning collective (see :mod:`dcplan.failures`)
+        self.failure: str | None = None
+        compat.install_metadata_format_guard()
+        try:
+            self._configure(config, overrides)
+        except Exception as exc:
+            carry(self, exc, "SavePlanner()")
+
+    def _configure(self, config: Config | Mapping[str, Any] | None, overrides: dict[str, Any]) -> None:
+        self.config, self.config_sources = resolve_config(config, overrides)
+        # the default strategy falls back to the built-in `torch` when dcplan-size-balanced is absent
+        explicit = self.config_sources.get("strategy", "default") != "default"
+        self.strategy = self.plugin_manager.resolve_strategy(self.config.strategy, explicit=explicit)
+        self.strategy_options = self.strategy.resolve_options(self.config.strategy_options)
         if self.config.plan_cache:
             from dcplan.save.cache import PlanCache
 
@@ -111,6 +151,15 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
     ) -> None:
         if isinstance(storage_meta, bool):  # (state_dict, is_coordinator) callers
             storage_meta, is_coordinator = None, storage_meta
+        self.storage_meta = storage_meta
+        self.is_coordinator = is_coordinator
+        if self.failure is None:
+            try:
+                self._set_up(state_dict)
+            except Exception as exc:
+                carry(self, exc, "set_up_planner")
+
+    def _set_up(self, state_dict: dict[str, Any]) -> None:
         self.original_state_dict = state_dict
         if self.flatten_state_dict:
             state_dict, self.mappings = compat.flatten_state_dict(state_dict)
@@ -119,8 +168,6 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         if self.flatten_sharded_tensors:
             state_dict = compat.flatten_sharded_tensors(state_dict)
         self.state_dict = state_dict
-        self.storage_meta = storage_meta
-        self.is_coordinator = is_coordinator
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -129,12 +176,18 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
 
     def create_local_plan(self) -> SavePlan:
         how = exchange.resolve(self.process_group, compat.dcp_save_context())
-        try:
-            plan = self._create_local_plan()
-            self.plan_store = PlanStore.for_planner(self) if how.exchange else None
-        except BaseException:
-            exchange.send_plan(None, how, failed=True)  # peers must not wait for this rank
-            raise
+        plan = None
+        if self.failure is None:
+            try:
+                plan = self._create_local_plan()
+                self.plan_store = PlanStore.for_planner(self) if how.exchange else None
+            except Exception as exc:
+                carry(self, exc, "create_local_plan")
+        if self.failure is not None:
+            # this rank failed: it still joins the collectives (the digest exchange, then the
+            # gather), with its error instead of a plan, so that no peer waits for it
+            exchange.send_plan(None, how, failed=True)
+            return SavePlan([], planner_data=RankPayload(mapping=None, agreement=(), failure=self.failure))
         return exchange.send_plan(plan, how, store=self.plan_store)  # type: ignore[no-any-return]
 
     def _create_local_plan(self) -> SavePlan:
@@ -195,13 +248,17 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
                     "same planner class"
                 )
             payloads.append(p.planner_data)
+        raise_carried(((r, pl.failure) for r, pl in enumerate(payloads)), "save")
         self._check_agreement(payloads)
+        cached = None
         if self.cache is not None:
             cached = self.cache.global_step(self, all_plans, payloads)
-            if cached is not None:
-                delta, self.global_plan, self.metadata = cached
-                self.timings["global"] = time.perf_counter() - t0
-                return delta, self.metadata
+        if cached is not None:
+            delta, self.global_plan, self.metadata, self.report = cached
+            self._publish_report(self.report, cached=True)
+            self.timings["global"] = time.perf_counter() - t0
+            return delta, self.metadata
+        if self.cache is not None:
             local_plans = self.cache.full_local_plans(self, all_plans, payloads)
         else:
             local_plans = [
@@ -209,7 +266,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             ]
         global_plan, metadata = self.plan_global(local_plans, digests=[pl.digest for pl in payloads])
         if self.cache is not None:
-            delta = self.cache.commit_global(self, local_plans, global_plan, metadata)
+            delta = self.cache.commit_global(self, local_plans, global_plan, metadata, self.report)
         else:
             delta = global_plan
         if compact:
@@ -221,10 +278,21 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self.timings["global"] = time.perf_counter() - t0
         return delta, metadata
 
+    def _publish_report(self, report: Any, cached: bool) -> None:
+        """Log the plan report (``report = true``) and call ``dcplan_plan_report``: once per save."""
+        if report is None:
+            return
+        if self.config.report and hasattr(report, "summary"):
+            log.info("%s%s", report.summary(), " (plan cache hit)" if cached else "")
+        self.hook.dcplan_plan_report(report=report, config=self.config)
+
     def plan_global(
         self, local_plans: list[SavePlan], digests: list[bytes | None] | None = None
     ) -> tuple[list[SavePlan], Any]:
         """Dedup, metadata, validation and report on full local plans (no caching).
+
+        Sets :attr:`report` and publishes it (``dcplan_plan_report``); on a plan
+        cache hit :meth:`create_global_plan` publishes the cached one instead.
 
         :param digests: per rank, :func:`dcplan.save.local.plan_digest` of its plan
             (or ``None``): ranks with equal digests are indexed once.
@@ -233,21 +301,44 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         from dcplan.save.index import index_plans
 
         with paused_gc():
-            # strategies and the report look the index up by these plan objects
-            index_plans(local_plans, digests)
-            return self._plan_global(local_plans)
+            index = index_plans(local_plans, digests)  # built once, passed to the strategy and the report
+            return self._plan_global(local_plans, index)
 
-    def _plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
-        deduped = self.hook.dcplan_dedup(
-            all_plans=local_plans, strategy=self.strategy, options=self.strategy_options, config=self.config
-        )
-        if deduped is None or len(deduped) != len(local_plans):
-            raise PlanValidationError(
-                [
-                    f"strategy {self.strategy.name!r} returned "
-                    f"{'nothing' if deduped is None else len(deduped)} plans for {len(local_plans)} ranks"
-                ]
+    def _plan_global(self, local_plans: list[SavePlan], index: Any) -> tuple[list[SavePlan], Any]:
+        from dcplan.save import verify
+
+        if self.config.validate:  # step 4a: holders of a key agree on kind, dtype, size
+            verify.check_consistency(index, local_plans)
+        try:
+            deduped = self.hook.dcplan_dedup(
+                all_plans=local_plans,
+                strategy=self.strategy,
+                options=self.strategy_options,
+                config=self.config,
+                index=index,
             )
+        except DcplanError:
+            raise
+        except Exception as exc:
+            dist = self._strategy_distribution()
+            raise PluginError(
+                f"dcplan: strategy {self.strategy.name!r}"
+                + (f" (distribution {dist})" if dist else "")
+                + f" failed in dcplan_dedup: {type(exc).__name__}: {exc}; nothing was written. Fix or report "
+                "the strategy, or choose another one (strategy = \"size_balanced\")"
+            ) from exc
+        if not isinstance(deduped, (list, tuple)) or len(deduped) != len(local_plans) or not all(
+            isinstance(p, SavePlan) for p in deduped
+        ):
+            got = "nothing" if deduped is None else (
+                f"{len(deduped)} plans" if isinstance(deduped, (list, tuple)) else type(deduped).__name__
+            )
+            raise PlanValidationError(
+                [f"strategy {self.strategy.name!r} returned {got} for {len(local_plans)} ranks "
+                 "(a strategy must return a list with one SavePlan per rank)"]
+            )
+        if self.config.validate:  # step 4b: the strategy's output, before any byte is written
+            verify.verify_dedup(index, deduped, self.strategy.name, self._strategy_distribution())
         global_plan, metadata = self.hook.dcplan_create_save_metadata(all_plans=deduped, config=self.config)
         if not self.flatten_state_dict:
             metadata = dataclasses.replace(metadata, planner_data=None)
@@ -257,13 +348,15 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
                 raise PlanValidationError(errors)
         from dcplan.save.report import build_report
 
-        self.report = build_report(local_plans, global_plan, self.strategy.name)
-        if self.config.report:
-            log.info(self.report.summary())
-        self.hook.dcplan_plan_report(report=self.report, config=self.config)
+        self.report = build_report(local_plans, global_plan, self.strategy.name, index=index)
+        self._publish_report(self.report, cached=False)
         # ranks do not need the mappings back
         global_plan = [compat.replace_plan(p, planner_data=None) for p in global_plan]
         return global_plan, metadata
+
+    def _strategy_distribution(self) -> str | None:
+        reg = getattr(self.plugin_manager, "strategies", {}).get(self.strategy.name)
+        return getattr(reg, "distribution", None)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         new_plan = wire.unpack_final(new_plan, self._sent_items)

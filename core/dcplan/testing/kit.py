@@ -41,10 +41,13 @@ __all__ = [
     "ConformanceResult",
     "check_plans",
     "check_hash_seed_determinism",
+    "check_scaling",
     "check_strategy",
+    "large_workloads",
     "conformance_test",
     "describe_workload",
     "plan_digest",
+    "result_signature",
     "save_and_load",
     "standard_workloads",
     "workloads",
@@ -60,8 +63,11 @@ INVARIANTS: dict[str, str] = {
     "item_intact": "written items keep the fqn, dtype, global size and kind of the item they come from",
     "planner_data": "each rank's planner_data (its flattening mapping) is passed through unchanged",
     "deterministic": "the same input gives the same plans, in-process and under every PYTHONHASHSEED",
+    "index_offset": "every tensor item's MetadataIndex.offset equals its chunk offset (else every load fails)",
     "metadata_validates": "dcplan.save.metadata.build_global_plan and validate_global_plan accept the result",
+    "runtime_check": "dcplan.save.verify, the check every save runs on the coordinator, accepts the result",
     "report": "dcplan.save.report.build_report produces a balance report that accounts for every byte",
+    "scales_linearly": "its time grows about linearly with the plan entries (8x entries: well under 64x time)",
 }
 
 DEFAULT_HASH_SEEDS: tuple[int, ...] = (1, 2)
@@ -146,13 +152,21 @@ def describe_workload(plans: Sequence[Any]) -> str:
     return "\n".join(lines) if lines else "  (no ranks)"
 
 
-def plan_digest(plans: Sequence[Any]) -> tuple[Any, ...]:
-    """A hashable, comparable summary of plans: per rank, its items in order and its planner_data."""
+def result_signature(plans: Sequence[Any]) -> tuple[Any, ...]:
+    """A hashable, comparable summary of a strategy's result: per rank, its items in order and its planner_data.
+
+    (Not :func:`dcplan.save.local.plan_digest`, the 16-byte digest a rank sends
+    with its plan, nor :func:`dcplan.save.cache.structure_fingerprint`.)
+    """
     out = []
     for plan in plans:
         items = tuple((i.index.fqn, tuple(i.index.offset or ()), i.type.name, _chunk(i)) for i in plan.items)
         out.append((items, repr(plan.planner_data)))
     return tuple(out)
+
+
+#: the old name of :func:`result_signature`
+plan_digest = result_signature
 
 
 def _contains(outer: tuple[tuple[int, ...], tuple[int, ...]], inner: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
@@ -174,6 +188,12 @@ def _fmt_chunk(fqn: str, ch: tuple[tuple[int, ...], tuple[int, ...]] | None, siz
     return fqn + "[" + ", ".join(f"{o}:{o + s}" for o, s in zip(*ch)) + "]"
 
 
+def _copies(plans: Sequence[Any]) -> list[Any]:
+    """A copy of the plans that shares nothing with them (one pickle round trip: far faster than
+    ``copy.deepcopy``; items shared between ranks stay shared within the copy)."""
+    return list(pickle.loads(pickle.dumps(list(plans), protocol=pickle.HIGHEST_PROTOCOL)))
+
+
 # ------------------------------------------------------------------ one workload
 def _run(func: Callable[..., Any], plans: list[Any], options: Mapping[str, Any], name: str) -> Any:
     try:
@@ -187,217 +207,266 @@ def _run(func: Callable[..., Any], plans: list[Any], options: Mapping[str, Any],
         ) from exc
 
 
+@attrs.define
+class _Case:
+    """One workload under check: the input as given, its holders, and the strategy's name."""
+
+    name: str
+    original: list[Any]
+    holders: dict[tuple[str, tuple[int, ...]], list[int]] = attrs.field(factory=dict)
+    first: dict[tuple[str, tuple[int, ...]], Any] = attrs.field(factory=dict)
+    by_rank_fqn: list[dict[str, list[Any]]] = attrs.field(factory=list)
+
+    def fail(self, invariant: str, detail: str) -> ConformanceError:
+        return ConformanceError(invariant, detail, self.original, self.name)
+
+    def index(self) -> None:
+        for rank, p in enumerate(self.original):
+            idx: dict[str, list[Any]] = {}
+            for item in p.items:
+                k = _key(item)
+                hs = self.holders.setdefault(k, [])
+                if rank not in hs:
+                    hs.append(rank)
+                self.first.setdefault(k, item)
+                idx.setdefault(item.index.fqn, []).append(item)
+            self.by_rank_fqn.append(idx)
+
+
 def check_plans(
     strategy: Any, plans: Sequence[Any], options: Mapping[str, Any] | None = None, *, name: str | None = None
 ) -> Any:
     """Check one workload in-process; return the :class:`dcplan.save.report.PlanReport`.
+
+    Each invariant of :data:`INVARIANTS` is one ``_check_<invariant>`` function, run in that order.
 
     :param strategy: a strategy function, a :class:`dcplan.Strategy` or a registered name.
     :param plans: one local ``SavePlan`` per rank (they are copied, never changed).
     :param options: strategy options (defaults of a :class:`dcplan.Strategy` apply).
     :raises ConformanceError: naming the first broken invariant.
     """
-    from dcplan.compat import SavePlan
-    from dcplan.save.local import item_nbytes
-    from dcplan.save.metadata import build_global_plan
-    from dcplan.save.report import build_report
-    from dcplan.save.validate import validate_global_plan
-
     sname, func, opts = _resolve(strategy, options, name)
-    original = [copy.deepcopy(p) for p in plans]
-    given = [copy.deepcopy(p) for p in plans]
+    case = _Case(sname, list(plans))  # never handed to the strategy: the reference for no_mutation
+    given = _copies(plans)
     arg = list(given)
-    world = len(original)
-
     result = _run(func, arg, opts, sname)
+    _check_no_mutation(case, arg, given)
+    _check_returns_plans(case, result)
+    case.index()
+    pieces = _check_holder_only(case, result)
+    _check_item_intact(case, result)
+    _check_exactly_once(case, pieces)
+    _check_index_offset(case, result)
+    _check_planner_data(case, result)
+    _check_deterministic(case, result, func, opts)
+    _check_metadata_validates(case, result)
+    _check_runtime_check(case, result)
+    return _check_report(case, result)
 
-    # -- no_mutation
-    if len(arg) != world or any(a is not g for a, g in zip(arg, given)):
-        raise ConformanceError("no_mutation", "the list of plans it was given was changed", original, sname)
-    for rank, (now, before) in enumerate(zip(given, original)):
+
+def _check_no_mutation(case: _Case, arg: list[Any], given: list[Any]) -> None:
+    if len(arg) != len(case.original) or any(a is not g for a, g in zip(arg, given)):
+        raise case.fail("no_mutation", "the list of plans it was given was changed")
+    for rank, (now, before) in enumerate(zip(given, case.original)):
         if now.items != before.items:
-            raise ConformanceError(
+            raise case.fail(
                 "no_mutation",
                 f"rank {rank}'s input plan was changed in place (it had {len(before.items)} item(s), now "
                 f"{len(now.items)}); build new plans with dataclasses.replace / dcplan.compat.replace_plan",
-                original,
-                sname,
             )
         if now.planner_data != before.planner_data or now.storage_data != before.storage_data:
-            raise ConformanceError(
-                "no_mutation", f"rank {rank}'s input planner_data/storage_data was changed in place", original, sname
-            )
+            raise case.fail("no_mutation", f"rank {rank}'s input planner_data/storage_data was changed in place")
 
-    # -- returns_plans
+
+def _check_returns_plans(case: _Case, result: Any) -> None:
+    from dcplan.compat import SavePlan
+
+    world = len(case.original)
     if not isinstance(result, (list, tuple)):
-        raise ConformanceError("returns_plans", f"it returned {type(result).__name__}, not a list", original, sname)
+        raise case.fail("returns_plans", f"it returned {type(result).__name__}, not a list")
     if len(result) != world:
-        raise ConformanceError(
-            "returns_plans", f"it returned {len(result)} plan(s) for {world} rank(s)", original, sname
-        )
+        raise case.fail("returns_plans", f"it returned {len(result)} plan(s) for {world} rank(s)")
     for rank, p in enumerate(result):
         if not isinstance(p, SavePlan):
-            raise ConformanceError(
-                "returns_plans", f"element {rank} is a {type(p).__name__}, not a SavePlan", original, sname
-            )
+            raise case.fail("returns_plans", f"element {rank} is a {type(p).__name__}, not a SavePlan")
 
-    # -- holders of every input item
-    holders: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-    first: dict[tuple[str, tuple[int, ...]], Any] = {}
-    by_rank_fqn: list[dict[str, list[Any]]] = []
-    for rank, p in enumerate(original):
-        idx: dict[str, list[Any]] = {}
-        for item in p.items:
-            k = _key(item)
-            holders.setdefault(k, [])
-            if rank not in holders[k]:
-                holders[k].append(rank)
-            first.setdefault(k, item)
-            idx.setdefault(item.index.fqn, []).append(item)
-        by_rank_fqn.append(idx)
 
-    # -- holder_only / item_intact; collect who writes which piece of which input item
-    pieces: dict[tuple[str, tuple[int, ...]], list[tuple[int, Any]]] = {k: [] for k in holders}
+def _container(case: _Case, rank: int, item: Any) -> Any:
+    """The input item of ``rank`` that ``item`` (whole, or a slice of it) comes from, or ``None``."""
+    ch = _chunk(item)
+    for cand in case.by_rank_fqn[rank].get(item.index.fqn, ()):
+        cch = _chunk(cand)
+        if ch is None and cch is None and _key(cand) == _key(item):
+            return cand
+        if ch is not None and cch is not None and _contains(cch, ch):
+            return cand
+    return None
+
+
+def _check_holder_only(case: _Case, result: Sequence[Any]) -> dict[Any, list[tuple[int, Any]]]:
+    """Every written item lies in what its rank holds; returns who writes which piece of which input item."""
+    pieces: dict[tuple[str, tuple[int, ...]], list[tuple[int, Any]]] = {k: [] for k in case.holders}
     for rank, p in enumerate(result):
         for item in p.items:
-            fqn = item.index.fqn
-            ch = _chunk(item)
-            container = None
-            for cand in by_rank_fqn[rank].get(fqn, ()):
-                cch = _chunk(cand)
-                if ch is None and cch is None and _key(cand) == _key(item):
-                    container = cand
-                    break
-                if ch is not None and cch is not None and _contains(cch, ch):
-                    container = cand
-                    break
+            container = _container(case, rank, item)
+            if container is not None:
+                pieces[_key(container)].append((rank, _chunk(item)))
+                continue
+            fqn, ch = item.index.fqn, _chunk(item)
             full = tuple(item.tensor_data.size) if item.tensor_data is not None else None
-            if container is None:
-                others = sorted(
-                    {
-                        r
-                        for r, idx in enumerate(by_rank_fqn)
-                        for cand in idx.get(fqn, ())
-                        if (ch is None and _chunk(cand) is None) or (
-                            ch is not None and _contains(_chunk(cand) or ((), ()), ch)
-                        )
-                    }
-                )
-                what = _fmt_chunk(fqn, ch, full)
-                if others:
-                    raise ConformanceError(
-                        "holder_only",
-                        f"rank {rank} writes {what}, which it does not hold (holders: ranks {others})",
-                        original,
-                        sname,
-                    )
-                raise ConformanceError(
-                    "holder_only", f"rank {rank} writes {what}, which no rank holds", original, sname
-                )
-            ck = _key(container)
+            others = sorted(
+                r for r in range(len(case.by_rank_fqn)) if _container(case, r, item) is not None
+            )
+            what = _fmt_chunk(fqn, ch, full)
+            if others:
+                raise case.fail("holder_only", f"rank {rank} writes {what}, which it does not hold (holders: ranks {others})")
+            raise case.fail("holder_only", f"rank {rank} writes {what}, which no rank holds")
+    return pieces
+
+
+def _check_item_intact(case: _Case, result: Sequence[Any]) -> None:
+    for rank, p in enumerate(result):
+        for item in p.items:
+            container = _container(case, rank, item)
+            ch = _chunk(item)
+            fqn = item.index.fqn
             if item.type != container.type and not (ch is not None and ch != _chunk(container)):
-                raise ConformanceError(
+                raise case.fail(
                     "item_intact",
                     f"rank {rank} writes {_fmt_chunk(fqn, ch)} as {item.type.name}; the input item is "
                     f"{container.type.name}",
-                    original,
-                    sname,
                 )
-            if ch is not None:
-                td, ctd = item.tensor_data, container.tensor_data
-                if td.properties.dtype != ctd.properties.dtype or tuple(td.size) != tuple(ctd.size):
-                    raise ConformanceError(
-                        "item_intact",
-                        f"rank {rank} writes {_fmt_chunk(fqn, ch)} as {td.properties.dtype} {tuple(td.size)}; "
-                        f"the input item is {ctd.properties.dtype} {tuple(ctd.size)}",
-                        original,
-                        sname,
-                    )
-            pieces[ck].append((rank, ch))
+            if ch is None:
+                continue
+            td, ctd = item.tensor_data, container.tensor_data
+            if td.properties.dtype != ctd.properties.dtype or tuple(td.size) != tuple(ctd.size):
+                raise case.fail(
+                    "item_intact",
+                    f"rank {rank} writes {_fmt_chunk(fqn, ch)} as {td.properties.dtype} {tuple(td.size)}; "
+                    f"the input item is {ctd.properties.dtype} {tuple(ctd.size)}",
+                )
 
-    # -- exactly_once
+
+def _check_exactly_once(case: _Case, pieces: dict[Any, list[tuple[int, Any]]]) -> None:
     for k in sorted(pieces, key=lambda t: (t[0], t[1])):
         got = pieces[k]
-        item = first[k]
+        item = case.first[k]
         full = tuple(item.tensor_data.size) if item.tensor_data is not None else None
         what = _fmt_chunk(k[0], _chunk(item), full)
         if not got:
-            raise ConformanceError(
-                "exactly_once", f"{what} is dropped: no rank writes it (holders: ranks {holders[k]})", original, sname
-            )
+            raise case.fail("exactly_once", f"{what} is dropped: no rank writes it (holders: ranks {case.holders[k]})")
         cch = _chunk(item)
         if cch is None:
             if len(got) > 1:
-                ranks = sorted(r for r, _ in got)
-                raise ConformanceError("exactly_once", f"{what} is written {len(got)} times, by ranks {ranks}",
-                                       original, sname)
+                raise case.fail("exactly_once", f"{what} is written {len(got)} times, by ranks {sorted(r for r, _ in got)}")
             continue
-        for i in range(len(got)):
-            for j in range(i):
-                (ri, ci), (rj, cj) = got[i], got[j]
-                if ci == cj or _overlap(ci, cj):
-                    if ci == cj:
-                        detail = f"{_fmt_chunk(k[0], ci, full)} is written twice: by rank {rj} and rank {ri}"
-                    else:
-                        detail = (
-                            f"{_fmt_chunk(k[0], cj)} (rank {rj}) and {_fmt_chunk(k[0], ci)} (rank {ri}) overlap: "
-                            "those elements are written twice"
-                        )
-                    raise ConformanceError("exactly_once", detail, original, sname)
-        volume = sum(math.prod(c[1]) for _, c in got)
-        total = math.prod(cch[1])
-        if volume != total:
-            raise ConformanceError(
-                "exactly_once",
-                f"{what}: the written pieces cover {volume} of its {total} elements (split pieces must tile the "
-                "chunk exactly)",
-                original,
-                sname,
-            )
+        _check_pieces_tile(case, k, got, cch, full, what)
 
-    # -- planner_data
-    for rank, (out, inp) in enumerate(zip(result, original)):
+
+def _check_pieces_tile(case: _Case, k: Any, got: list[tuple[int, Any]], cch: Any, full: Any, what: str) -> None:
+    """The pieces of one input chunk: no two overlap, together they cover it."""
+    order = sorted(range(len(got)), key=lambda i: (got[i][1], got[i][0]))  # sweep by offsets
+    for a, b in zip(order, order[1:]):
+        (ra, ca), (rb, cb) = got[a], got[b]
+        if ca == cb:
+            raise case.fail("exactly_once", f"{_fmt_chunk(k[0], ca, full)} is written twice: by rank {min(ra, rb)} "
+                            f"and rank {max(ra, rb)}")
+    for i in range(len(got)):
+        for j in range(i):
+            (ri, ci), (rj, cj) = got[i], got[j]
+            if _overlap(ci, cj):
+                raise case.fail(
+                    "exactly_once",
+                    f"{_fmt_chunk(k[0], cj)} (rank {rj}) and {_fmt_chunk(k[0], ci)} (rank {ri}) overlap: "
+                    "those elements are written twice",
+                )
+    volume = sum(math.prod(c[1]) for _, c in got)
+    total = math.prod(cch[1])
+    if volume != total:
+        raise case.fail(
+            "exactly_once",
+            f"{what}: the written pieces cover {volume} of its {total} elements (split pieces must tile the "
+            "chunk exactly)",
+        )
+
+
+def _check_index_offset(case: _Case, result: Sequence[Any]) -> None:
+    for rank, p in enumerate(result):
+        for item in p.items:
+            ch = _chunk(item)
+            if ch is None:
+                continue
+            off = tuple(item.index.offset) if item.index.offset is not None else None
+            if off != ch[0]:
+                raise case.fail(
+                    "index_offset",
+                    f"rank {rank} writes {_fmt_chunk(item.index.fqn, ch)} with MetadataIndex.offset {off}, not its "
+                    f"chunk offset {ch[0]}: every load of the checkpoint would fail with KeyError (build slices with "
+                    "index=MetadataIndex(fqn, chunk.offsets))",
+                )
+
+
+def _check_planner_data(case: _Case, result: Sequence[Any]) -> None:
+    for rank, (out, inp) in enumerate(zip(result, case.original)):
         if out.planner_data != inp.planner_data:
-            raise ConformanceError(
+            raise case.fail(
                 "planner_data",
                 f"rank {rank}'s planner_data changed from {inp.planner_data!r} to {out.planner_data!r}; keep it "
                 "(dcplan.compat.replace_plan(plan, items=...) does)",
-                original,
-                sname,
             )
 
-    # -- deterministic (in-process)
-    digest = plan_digest(result)
-    again = _run(func, [copy.deepcopy(p) for p in original], opts, sname)
-    if plan_digest(again) != digest:
-        raise ConformanceError(
+
+def _check_deterministic(case: _Case, result: Sequence[Any], func: Callable[..., Any], opts: Mapping[str, Any]) -> None:
+    again = _run(func, _copies(case.original), opts, case.name)
+    if result_signature(again) != result_signature(result):
+        raise case.fail(
             "deterministic",
             "two calls on the same input returned different plans (random choices? iteration over a set "
             "or over id()-keyed dicts? sort by item key and break ties by rank)",
-            original,
-            sname,
         )
 
-    # -- metadata_validates
+
+def _check_metadata_validates(case: _Case, result: Sequence[Any]) -> None:
+    from dcplan.save.metadata import build_global_plan
+    from dcplan.save.validate import validate_global_plan
+
     global_plan, metadata, errors = build_global_plan(list(result))
     if not errors:
         errors = validate_global_plan(global_plan, metadata)
     if errors:
-        raise ConformanceError("metadata_validates", "; ".join(errors[:5]), original, sname)
+        raise case.fail("metadata_validates", "; ".join(errors[:5]))
 
-    # -- report
+
+def _check_runtime_check(case: _Case, result: Sequence[Any]) -> None:
+    from dcplan.save import verify
+    from dcplan.save.index import index_plans
+
+    index = index_plans(case.original)
     try:
-        report = build_report(original, list(result), sname)
+        verify.check_consistency(index, case.original)
+    except Exception:  # noqa: BLE001 - an inconsistent input workload: not the strategy's fault
+        return
+    found = verify.find_violations(index, list(result))
+    if found:
+        raise case.fail("runtime_check", "; ".join(found.shown) + (f" (and {found.total - len(found.shown)} more)"
+                                                                  if found.total > len(found.shown) else ""))
+
+
+def _check_report(case: _Case, result: Sequence[Any]) -> Any:
+    from dcplan.save.local import item_nbytes
+    from dcplan.save.report import build_report
+
+    try:
+        report = build_report(case.original, list(result), case.name)
     except Exception as exc:  # noqa: BLE001
-        raise ConformanceError("report", f"build_report raised {type(exc).__name__}: {exc}", original, sname) from exc
-    unique = sum(item_nbytes(first[k]) for k in first)
+        raise case.fail("report", f"build_report raised {type(exc).__name__}: {exc}") from exc
+    unique = sum(item_nbytes(case.first[k]) for k in case.first)
+    world = len(case.original)
     if len(report.bytes_per_rank) != world or report.total_bytes != unique:
-        raise ConformanceError(
+        raise case.fail(
             "report",
             f"the report counts {report.total_bytes} B on {len(report.bytes_per_rank)} rank(s); the workload has "
             f"{unique} unique B on {world} rank(s)",
-            original,
-            sname,
         )
     return report
 
@@ -537,6 +606,145 @@ def standard_workloads() -> list[list[Any]]:
     return out
 
 
+def large_workloads(world: int = 64, entries: int = 200, seed: int = 0) -> list[list[Any]]:
+    """Fixed workloads at scale: realistic layouts of :mod:`dcplan.workloads` on ``world`` ranks, and a
+    generated one with ``entries`` state-dict entries (replicated, sharded and HSDP-like tensors, objects).
+
+    Bugs that need more than a few ranks or items (an off-by-one in a per-group
+    loop, a rank index used as an item index) show up here; hypothesis' generated
+    workloads stay small so that failures shrink to a readable example.
+    """
+    import random
+
+    from dcplan import workloads as wl
+    from dcplan.compat import replace_plan
+
+    def mapped(plans: list[Any]) -> list[Any]:
+        return [replace_plan(p, planner_data={i.index.fqn: tuple(i.index.fqn.split(".")) for i in p.items})
+                for p in plans]
+
+    out = [mapped(wl.ddp("tiny", world)), mapped(wl.hsdp("tiny", world, shard=8))]
+    rng = random.Random(seed)
+    return out + [_generated(world, entries, rng), _generated(13, 40, rng), _generated(6, 24, rng)]
+
+
+def _generated(world: int, entries: int, rng: Any) -> list[Any]:
+    """A random valid workload: replicated, partially held and HSDP-like sharded tensors, and objects."""
+    from dcplan.compat import SavePlan
+    from dcplan.testing.plans import bytes_item, tensor_item
+
+    per_rank: list[list[Any]] = [[] for _ in range(world)]
+    for i in range(entries):
+        kind = rng.choice(["replicated", "hsdp", "object", "partial"])
+        fqn = f"model.layer{i // 4}.p{i}"
+        if kind == "object":
+            item = bytes_item(fqn, rng.randint(1, 4096))
+            for r in range(world):
+                per_rank[r].append(item)
+        elif kind in ("replicated", "partial"):
+            item = tensor_item(fqn, (rng.randint(1, 64), rng.randint(1, 8)))
+            holders = range(world) if kind == "replicated" else sorted(
+                rng.sample(range(world), rng.randint(1, min(8, world)))
+            )
+            for r in holders:
+                per_rank[r].append(item)
+        else:
+            shard = rng.choice([s for s in (1, 2, 4, 8, 16) if s <= world])  # each shard on every shard-th rank
+            rows = shard * rng.randint(1, 4)
+            step = rows // shard
+            for s in range(shard):
+                item = tensor_item(fqn, (rows, 4), (s * step, 0), (step, 4))
+                for r in range(s, world, shard):
+                    per_rank[r].append(item)
+    return [SavePlan(items, planner_data={i.index.fqn: tuple(i.index.fqn.split(".")) for i in items})
+            for items in per_rank]
+
+
+#: the workload grows this many times between the two timings
+SCALING_FACTOR = 8
+#: a strategy whose time grows more than this when the workload grows 8x is super-linear
+#: (linear: about 8x, up to ~20x measured with cache effects; quadratic: about 64x)
+SCALING_LIMIT = 32.0
+
+
+def _scaling_workload(items: int, world: int = 8) -> list[Any]:
+    """``items`` tensors, each held by 2 of ``world`` ranks (HSDP-like), plus objects everyone holds."""
+    from dcplan.compat import SavePlan
+    from dcplan.testing.plans import bytes_item, tensor_item
+
+    per_rank: list[list[Any]] = [[] for _ in range(world)]
+    for i in range(items):
+        item = tensor_item(f"model.p{i}", (4 + i % 13, 4))
+        for r in (i % world, (i + world // 2) % world):
+            per_rank[r].append(item)
+    for i in range(items // 50):
+        obj = bytes_item(f"extra.o{i}", 16)
+        for r in range(world):
+            per_rank[r].append(obj)
+    return [SavePlan(p) for p in per_rank]
+
+
+def _best_time(func: Callable[..., Any], plans: list[Any], opts: Mapping[str, Any], repeat: int = 3) -> float:
+    import gc
+
+    best = float("inf")
+    for _ in range(repeat):
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            func(plans, **opts)
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            gc.enable()
+    return best
+
+
+def check_scaling(
+    strategy: Any, options: Mapping[str, Any] | None = None, *, min_seconds: float = 0.01, max_items: int = 32000
+) -> float:
+    """Time the strategy on a workload and on one :data:`SCALING_FACTOR` times as large; fail if its time
+    grows clearly super-linearly.
+
+    The smaller workload grows (from 250 items, doubling, at most ``max_items``)
+    until one call takes ``min_seconds``, so timer noise stays small. Linear growth
+    gives a ratio near 8, quadratic near 64; the limit is :data:`SCALING_LIMIT`. A
+    ratio above it is measured again before failing, so a busy machine does not
+    fail a linear strategy.
+
+    :returns: the measured time ratio.
+    :raises ConformanceError: ``scales_linearly``, naming both sizes and times.
+    """
+    sname, func, opts = _resolve(strategy, options)
+    _run(func, _scaling_workload(250), opts, sname)  # warm up (imports, caches); errors are no_error
+    items = 250
+    while True:
+        small = _scaling_workload(items)
+        t_small = _best_time(func, small, opts, repeat=2)
+        if t_small >= min_seconds or items >= max_items:
+            break
+        items *= 2
+    big = _scaling_workload(SCALING_FACTOR * items)
+    ratio = 0.0
+    for attempt in range(2):
+        if attempt:
+            t_small = _best_time(func, small, opts)
+        t_big = _best_time(func, big, opts, repeat=2)
+        ratio = t_big / max(t_small, 1e-4)
+        if ratio <= SCALING_LIMIT:
+            return ratio
+    n_small, n_big = (sum(len(p.items) for p in w) for w in (small, big))
+    raise ConformanceError(
+        "scales_linearly",
+        f"{n_small:,} plan entries took {t_small * 1e3:.1f} ms and {n_big:,} ({SCALING_FACTOR}x) took "
+        f"{t_big * 1e3:.1f} ms: {ratio:.1f}x slower (linear is about {SCALING_FACTOR}x, quadratic "
+        f"{SCALING_FACTOR ** 2}x). A real save has millions of entries: index "
+        "the plans once (dicts keyed by item, or the PlanIndex a strategy gets as index=) instead of scanning "
+        "lists per item",
+        None,
+        sname,
+    )
+
+
 # ------------------------------------------------------------------ PYTHONHASHSEED
 _DONE = "--dcplan-kit-done--"
 
@@ -556,7 +764,7 @@ def _answer(request: str) -> None:
         reset_plugin_manager()
     try:
         _, func, opts = _resolve(spec[1], options)
-        digests = [plan_digest(func([copy.deepcopy(p) for p in plans], **opts)) for plans in batch]
+        digests = [result_signature(func(_copies(plans), **opts)) for plans in batch]
         out: tuple[str, Any] = ("ok", digests)
     except BaseException as exc:  # noqa: BLE001
         out = ("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -666,7 +874,7 @@ def check_hash_seed_determinism(
     sname, func, opts = _resolve(strategy, options)
     spec = _spec(strategy)
     batch = [list(b) for b in batch]
-    mine = [plan_digest(func([copy.deepcopy(p) for p in plans], **opts)) for plans in batch]
+    mine = [result_signature(func(_copies(plans), **opts)) for plans in batch]
     results: dict[int, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="dcplan-kit-") as tmp:
         sent = []
@@ -715,6 +923,9 @@ def check_strategy(
     hash_seeds: Sequence[int] = DEFAULT_HASH_SEEDS,
     derandomize: bool = True,
     extra_workloads: Sequence[Sequence[Any]] = (),
+    max_entries: int = 6,
+    large: bool = True,
+    scaling: bool = True,
 ) -> ConformanceResult:
     """Check a strategy against every invariant in :data:`INVARIANTS`.
 
@@ -727,8 +938,12 @@ def check_strategy(
         (``()`` skips that check; the function must then need no pickling).
     :param derandomize: generate the same workloads on every run (reproducible CI).
     :param extra_workloads: your own workloads (lists of ``SavePlan``), checked too.
+    :param max_entries: the most state-dict entries of a generated workload.
+    :param large: also check :func:`large_workloads` (64 ranks, hundreds of items).
+    :param scaling: also run :func:`check_scaling` (time at two sizes).
     :returns: a :class:`ConformanceResult`.
-    :raises ConformanceError: naming the broken invariant, on a minimal workload.
+    :raises ConformanceError: naming the broken invariant, on a minimal workload;
+        never a hypothesis ``ExceptionGroup``.
     """
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Flaky
@@ -749,8 +964,9 @@ def check_strategy(
         deadline=None,
         suppress_health_check=list(HealthCheck),
         print_blob=False,
+        report_multiple_bugs=False,  # one ConformanceError, never an ExceptionGroup
     )
-    @given(workloads(max_world_size=max_world_size))
+    @given(workloads(max_world_size=max_world_size, max_entries=max_entries))
     def _conformance(plans: list[Any]) -> None:
         last[0] = check_plans(strategy, plans, options)
         counter[0] += 1
@@ -762,6 +978,13 @@ def check_strategy(
     except ConformanceError as exc:
         exc.__notes__ = []  # hypothesis' own note repeats the workload as a huge repr
         raise
+    except BaseExceptionGroup as group:  # defensive: hypothesis found several distinct failures
+        found = [e for e in _leaves(group) if isinstance(e, ConformanceError)]
+        if not found:
+            raise
+        best = min(found, key=lambda e: (sum(len(p.items) for p in e.plans or []), len(e.plans or [])))
+        best.__notes__ = []
+        raise best from None
     except Flaky as exc:
         raise ConformanceError(
             "deterministic",
@@ -774,6 +997,11 @@ def check_strategy(
     batch = standard_workloads() + [list(w) for w in extra_workloads] + seen
     if hash_seeds:
         check_hash_seed_determinism(strategy, batch, options, hash_seeds)
+    if large:
+        for plans in large_workloads():
+            last[0] = _check_large(strategy, plans, options)
+    if scaling:
+        check_scaling(strategy, options)
     return ConformanceResult(
         strategy=sname,
         examples=counter[0],
@@ -781,6 +1009,64 @@ def check_strategy(
         hash_seeds=tuple(hash_seeds),
         last_report=last[0],
     )
+
+
+def _check_large(strategy: Any, plans: list[Any], options: Mapping[str, Any] | None) -> Any:
+    """:func:`check_plans` on a large workload; a failure is shrunk to a small example first."""
+    try:
+        return check_plans(strategy, plans, options)
+    except ConformanceError as exc:
+        raise _shrunk(strategy, options, plans, exc) from None
+
+
+def _fails(strategy: Any, options: Mapping[str, Any] | None, plans: list[Any], invariant: str) -> bool:
+    try:
+        check_plans(strategy, plans, options)
+    except ConformanceError as exc:
+        return exc.invariant == invariant
+    return False
+
+
+def _shrunk(
+    strategy: Any, options: Mapping[str, Any] | None, plans: list[Any], exc: ConformanceError, budget: float = 30.0
+) -> ConformanceError:
+    """Remove whole state-dict entries (every rank's items of an fqn), then trailing empty ranks, while the
+    same invariant still fails (a greedy delta debugging, bounded by ``budget`` seconds)."""
+    from dcplan.compat import replace_plan
+
+    def without(ps: list[Any], drop: set[str]) -> list[Any]:
+        return [replace_plan(p, items=[i for i in p.items if i.index.fqn not in drop],
+                             planner_data={k: v for k, v in (p.planner_data or {}).items() if k not in drop}
+                             if isinstance(p.planner_data, dict) else p.planner_data) for p in ps]
+
+    deadline = time.monotonic() + budget
+    cur = plans
+    fqns = sorted({i.index.fqn for p in cur for i in p.items})
+    chunk = max(1, len(fqns) // 2)
+    while chunk >= 1 and time.monotonic() < deadline:
+        i, removed = 0, False
+        while i < len(fqns) and time.monotonic() < deadline:
+            trial = without(cur, set(fqns[i : i + chunk]))
+            if _fails(strategy, options, trial, exc.invariant):
+                cur, fqns, removed = trial, fqns[:i] + fqns[i + chunk :], True
+            else:
+                i += chunk
+        if not removed:
+            chunk //= 2
+    while len(cur) > 1 and not cur[-1].items and _fails(strategy, options, cur[:-1], exc.invariant):
+        cur = cur[:-1]
+    try:
+        check_plans(strategy, cur, options)
+    except ConformanceError as small:
+        small.__notes__ = []
+        return small
+    return exc  # pragma: no cover - the shrunk workload always fails
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
 
 
 def conformance_test(strategy: Any, options: Mapping[str, Any] | None = None, **settings: Any) -> Callable[[], None]:

@@ -94,15 +94,15 @@ def balanced_owners(idx: PlanIndex) -> list[int]:
     return owner
 
 
-def balanced(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
+def balanced(all_plans: Sequence[SavePlan], index: PlanIndex | None = None) -> list[SavePlan]:
     """Fixed loads first; replicated items fewest-holders-first, largest-first, to the least-loaded holder."""
-    idx = index_plans(all_plans)
+    idx = index if index is not None else index_plans(all_plans)
     return idx.apply_owners(all_plans, balanced_owners(idx))
 
 
-def torch_parity(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
+def torch_parity(all_plans: Sequence[SavePlan], index: PlanIndex | None = None) -> list[SavePlan]:
     """torch's greedy: items in first-seen order, weight = global tensor bytes, ties to the lowest rank."""
-    idx = index_plans(all_plans)
+    idx = index if index is not None else index_plans(all_plans)
     # torch weighs the last holder's copy; every holder's copy has the same global size and
     # dtype in a valid plan (build_global_plan rejects the others), so the first one is used.
     weight = [_torch_weight(i) for i in idx.first]
@@ -111,14 +111,24 @@ def torch_parity(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
     return idx.apply_owners(all_plans, owner)
 
 
-def size_balanced(all_plans: Sequence[SavePlan], mode: str = "balanced") -> list[SavePlan]:
-    """The ``size_balanced`` strategy; ``mode`` is ``"balanced"`` (default) or ``"torch"``."""
-    if mode == "balanced":
-        with paused_gc():
-            return balanced(all_plans)
-    if mode == "torch":
-        with paused_gc():
-            return torch_parity(all_plans)
+def size_balanced(
+    all_plans: Sequence[SavePlan], mode: str = "balanced", index: PlanIndex | None = None
+) -> list[SavePlan]:
+    """The ``size_balanced`` strategy; ``mode`` is ``"balanced"`` (default) or ``"torch"``.
+
+    :param index: the coordinator's :class:`PlanIndex` of ``all_plans`` (built here when ``None``).
+    """
+    _check_options({"mode": mode})
+    with paused_gc():
+        if mode == "balanced":
+            return balanced(all_plans, index)
+        return torch_parity(all_plans, index)
+
+
+def _check_options(options: dict[str, object]) -> None:
+    mode = options.get("mode")
+    if mode in MODES:
+        return
     raise ValueError(
         f"size_balanced: unknown mode {mode!r}; choose one of: {', '.join(MODES)} "
         '(e.g. strategy_options = {mode = "balanced"})'
@@ -137,5 +147,6 @@ def dcplan_register_strategies() -> list[dcplan.Strategy]:
                 "largest first (mode: balanced | torch = torch's greedy with lowest-rank ties)"
             ),
             options={"mode": "balanced"},
+            check_options=_check_options,
         )
     ]

@@ -201,19 +201,29 @@ def _check_options(min_slice_bytes: Any, max_slices: Any) -> None:
             )
 
 
+def _check_option_dict(options: dict[str, Any]) -> None:
+    _check_options(options.get("min_slice_bytes"), options.get("max_slices"))
+
+
 def split(
     all_plans: Sequence[SavePlan],
     min_slice_bytes: int = DEFAULT_MIN_SLICE_BYTES,
     max_slices: int = DEFAULT_MAX_SLICES,
+    index: PlanIndex | None = None,
 ) -> list[SavePlan]:
-    """Dedup that splits large replicated tensors into one contiguous slice per holder (see module doc)."""
+    """Dedup that splits large replicated tensors into one contiguous slice per holder (see module doc).
+
+    :param index: the coordinator's :class:`PlanIndex` of ``all_plans`` (built here when ``None``).
+    """
     _check_options(min_slice_bytes, max_slices)
     with paused_gc():
-        return _split(all_plans, min_slice_bytes, max_slices)
+        return _split(all_plans, min_slice_bytes, max_slices, index)
 
 
-def _split(all_plans: Sequence[SavePlan], min_slice_bytes: int, max_slices: int) -> list[SavePlan]:
-    idx = index_plans(all_plans)
+def _split(
+    all_plans: Sequence[SavePlan], min_slice_bytes: int, max_slices: int, index: PlanIndex | None = None
+) -> list[SavePlan]:
+    idx = index if index is not None else index_plans(all_plans)
     owner, pieces_of = split_pieces(idx, min_slice_bytes, max_slices)
     # Whole items keep their place in each rank's plan (a C-level filter); a rank's slices
     # follow them, in key order. Order inside a plan carries no meaning for DCP.
@@ -239,5 +249,6 @@ def dcplan_register_strategies() -> list[dcplan.Strategy]:
                 "holder writes its share (needs dcplan.SavePlanner to save; any loader reads it)"
             ),
             options={"min_slice_bytes": DEFAULT_MIN_SLICE_BYTES, "max_slices": DEFAULT_MAX_SLICES},
+            check_options=_check_option_dict,
         )
     ]

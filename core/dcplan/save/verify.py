@@ -1,0 +1,486 @@
+"""Step 4 of a save, on the coordinator: the core's checks around the strategy.
+
+dcplan is a plugin framework, so the core cannot trust what a third-party
+strategy returns. Two checks run on the coordinator before any byte is written:
+
+* :func:`check_consistency`, *before* dedup: every rank that holds a key agrees
+  on whether it is a tensor or an object, and on its dtype and global size
+  (after dedup only one copy is left, so a disagreement would go unseen);
+* :func:`verify_dedup`, right *after* dedup: every item some rank holds is
+  written exactly once, whole or as slices that tile it exactly; every write
+  is by a rank that holds it and lies inside the chunk that rank holds; every
+  tensor item's ``MetadataIndex.offset`` equals its chunk offset; nothing is
+  invented.
+
+Both are linear in plan entries: the outputs' keys are looked up in the
+:class:`~dcplan.save.index.PlanIndex` with C-level maps, holders are checked
+with one numpy search per rank, and only split slices take a per-item path.
+A violation raises :class:`dcplan.errors.StrategyError` (after dedup) or
+:class:`dcplan.errors.PlanValidationError` (before), which torch's
+``reduce_scatter`` hands to every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from bisect import bisect_right
+from collections.abc import Sequence
+from typing import Any
+
+from dcplan.compat import SavePlan, WriteItem, WriteItemType
+from dcplan.errors import PlanValidationError, StrategyError
+from dcplan.save.index import PlanIndex
+
+__all__ = ["Violations", "check_consistency", "find_violations", "verify_dedup"]
+
+#: how many violations a message shows in full
+SHOWN = 5
+_KEY = operator.attrgetter("index.fqn", "index.offset")
+_CHUNK = operator.attrgetter("tensor_data.chunk.offsets", "tensor_data.chunk.sizes")
+
+
+class Violations:
+    """Violations in plain words: the first :data:`SHOWN` kept in full, all counted."""
+
+    def __init__(self, keep: int = SHOWN) -> None:
+        self.keep = keep
+        self.shown: list[str] = []
+        self.total = 0
+
+    def add(self, msg: str) -> None:
+        self.total += 1
+        if len(self.shown) < self.keep:
+            self.shown.append(msg)
+
+    @property
+    def full(self) -> bool:
+        """Whether further messages would only be counted (callers may skip formatting them)."""
+        return len(self.shown) >= self.keep
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+
+def _where(fqn: str, offsets: Any, sizes: Any = None) -> str:
+    if offsets is None:
+        return repr(fqn)
+    if sizes is None:
+        return f"{fqn!r} at offset {tuple(offsets)}"
+    return f"{fqn}[" + ", ".join(f"{o}:{o + s}" for o, s in zip(offsets, sizes)) + "]"
+
+
+def _signature(item: WriteItem) -> tuple[Any, ...]:
+    td = item.tensor_data
+    if td is None or item.type == WriteItemType.BYTE_IO:
+        return ("object",)
+    return ("tensor", td.properties.dtype, tuple(td.size))
+
+
+def _describe(sig: tuple[Any, ...]) -> str:
+    if sig[0] == "object":
+        return "an object"
+    return f"a {str(sig[1]).removeprefix('torch.')} tensor of global size {sig[2]}"
+
+
+# ------------------------------------------------------------------ before dedup
+def check_consistency(index: PlanIndex, all_plans: Sequence[SavePlan]) -> None:
+    """Every holder of a replicated key agrees on kind, dtype and global size.
+
+    Only keys with several holders are compared, and only on one rank per
+    distinct plan digest (the digest covers kind, dtype and size, so ranks
+    sharing it agree). Tensors of one fqn held as different chunks are compared
+    by the metadata build, which sees every chunk.
+
+    :raises PlanValidationError: naming the key, the ranks and what each has.
+    """
+    import numpy as np
+
+    _check_kinds(index)
+    holders = index.holders
+    first = index.first
+    multi = np.fromiter(map(len, holders), dtype=np.int64, count=len(holders)) > 1
+    if not multi.any():
+        return
+    bad: dict[int, dict[int, tuple[Any, ...]]] = {}
+    for rep in index.members():
+        ids = index.plan_ids(rep)
+        pos = np.flatnonzero(multi[ids]).tolist() if len(ids) else []
+        items = all_plans[rep].items
+        if all(map(operator.is_, map(items.__getitem__, pos), map(first.__getitem__, ids[pos].tolist()))):
+            continue  # this plan's copies are the index's own items (its lowest holder)
+        for p in pos:
+            item = items[p]
+            k = int(ids[p])
+            ref = first[k]
+            if item is ref:
+                continue
+            sig = _signature(item)
+            if sig != _signature(ref):
+                bad.setdefault(k, {holders[k][0]: _signature(ref)})[rep] = sig
+    if not bad:
+        return
+    errors = []
+    for k in sorted(bad)[:20]:
+        fqn, off = index.keys[k].fqn, index.keys[k].offset
+        parts = []
+        for sig, ranks in _signatures_by_rank(index, all_plans, k).items():
+            parts.append(f"rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)} {'have' if len(ranks) > 1 else 'has'} "
+                         f"{_describe(sig)}")
+        where = _where(fqn, off if off is not None and any(off) else None)
+        errors.append(
+            f"ranks disagree on key {where}: " + "; ".join(parts)
+            + " (every rank must save the same kind, dtype and global size for a replicated key: "
+            "check the model/optimizer construction on those ranks)"
+        )
+    raise PlanValidationError(errors)
+
+
+def _signatures_by_rank(index: PlanIndex, all_plans: Sequence[SavePlan], k: int) -> dict[Any, list[int]]:
+    """What each holder of key ``k`` has (an error path)."""
+    held = set(index.holders[k])
+    out: dict[Any, list[int]] = {}
+    for rep, ranks in index.members().items():
+        mine = [r for r in ranks if r in held]
+        if not mine:
+            continue
+        pos = list(index.ids[rep]).index(k)
+        out.setdefault(_signature(all_plans[rep].items[pos]), []).extend(mine)
+    return {sig: sorted(rs) for sig, rs in sorted(out.items(), key=lambda t: min(t[1]))}
+
+
+_FQN = operator.attrgetter("fqn")
+_OFFSET = operator.attrgetter("offset")
+
+
+def _check_kinds(index: PlanIndex) -> None:
+    """No fqn is an object (a key without offset) on some ranks and a tensor on others."""
+    import itertools
+
+    keys = index.keys
+    is_obj = list(map(operator.is_, map(_OFFSET, keys), itertools.repeat(None)))
+    objects = set(map(_FQN, itertools.compress(keys, is_obj)))
+    if not objects or len(objects) == len(keys):
+        return
+    clash = sorted(objects.intersection(map(_FQN, itertools.compress(keys, (not o for o in is_obj)))))
+    if not clash:
+        return
+    errors = []
+    for fqn in clash[:20]:
+        obj_ranks: set[int] = set()
+        tensor_ranks: set[int] = set()
+        for k, key in enumerate(keys):
+            if key.fqn == fqn:
+                (obj_ranks if key.offset is None else tensor_ranks).update(index.holders[k])
+        errors.append(
+            f"ranks disagree on key {fqn!r}: ranks {sorted(obj_ranks)} have an object, ranks "
+            f"{sorted(tensor_ranks)} a tensor (every rank must save the same kind of value under one key)"
+        )
+    raise PlanValidationError(errors)
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    if len(ranks) > 6:
+        return f"{list(ranks[:6])[:-1]}... ({len(ranks)} ranks)".replace("]...", ", ...]")
+    return str(list(ranks))
+
+
+# ------------------------------------------------------------------ after dedup
+def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = SHOWN) -> Violations:
+    """Every way ``deduped`` breaks the strategy contract with respect to ``index`` (see module doc).
+
+    All ranks' outputs are checked at once: one C-level key lookup per written
+    item, and one numpy search of (distinct plan, key) pairs for the holders.
+    """
+    import itertools
+
+    import numpy as np
+
+    out = Violations(keep)
+    n = len(index)
+    world = index.world_size
+    if len(deduped) > world:
+        out.add(f"the strategy returned {len(deduped)} plans for {world} ranks")
+        deduped = deduped[:world]
+    counts = [len(p.items) for p in deduped]
+    bounds = list(itertools.accumulate(counts, initial=0))
+    items = list(itertools.chain.from_iterable(p.items for p in deduped))
+    ids = list(map(index.lookup.get, map(_KEY, items)))
+    slices: list[tuple[int, WriteItem, int | None]] = []  # (rank, item, candidate key)
+
+    def rank_at(pos: int) -> int:
+        return bisect_right(bounds, pos) - 1
+
+    whole_pos = _whole_positions(items, ids, index.first, slices, rank_at, out)
+    ranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    if len(whole_pos) == len(ids):
+        wids = np.array(ids, dtype=np.int64)
+        wranks = ranks
+    else:
+        wids = np.fromiter(map(ids.__getitem__, whole_pos), dtype=np.int64, count=len(whole_pos))
+        wranks = ranks[np.asarray(whole_pos, dtype=np.int64)]
+    _check_holders(index, wids, wranks, out)
+    count = np.bincount(wids, minlength=n) if len(wids) else np.zeros(n, dtype=np.int64)
+    sliced = _check_slices(index, slices, count, out)
+    _check_counts(index, deduped, count, sliced, out)
+    return out
+
+
+def _check_holders(index: PlanIndex, wids: Any, wranks: Any, out: Violations) -> None:
+    """Each (rank, key) written is held: a search in the sorted (distinct plan, key) pairs."""
+    import numpy as np
+
+    if not len(wids):
+        return
+    n = max(len(index), 1)
+    members = index.members()
+    rep_of = np.zeros(index.world_size, dtype=np.int64)
+    for rep, ranks in members.items():
+        rep_of[list(ranks)] = rep
+    held = np.unique(np.concatenate([rep * n + index.plan_ids(rep) for rep in members] or [np.zeros(0, np.int64)]))
+    query = rep_of[wranks] * n + wids
+    at = np.searchsorted(held, query)
+    ok = (at < len(held)) & (held[np.minimum(at, max(len(held) - 1, 0))] == query) if len(held) else query < 0
+    if ok.all():
+        return
+    for j in np.flatnonzero(~ok).tolist():
+        if out.full:
+            out.total += 1
+            continue
+        k, rank = int(wids[j]), int(wranks[j])
+        out.add(f"rank {rank} writes {_key_text(index, k)}, which it does not hold "
+                f"(holders: ranks {_ranks(index.holders[k])})")
+
+
+_TENSOR = operator.attrgetter(
+    "tensor_data.chunk.offsets", "tensor_data.chunk.sizes", "tensor_data.properties.dtype", "tensor_data.size"
+)
+
+
+def _whole_positions(
+    items: Sequence[WriteItem],
+    ids: list[Any],
+    first: Sequence[WriteItem],
+    slices: list[Any],
+    rank_at: Any,
+    out: Violations,
+    block: int = 4096,
+) -> list[int]:
+    """Positions of the items written whole; others go to ``slices`` (or are reported).
+
+    Blocks of tensor items whose chunk, dtype and size equal the held item's
+    (the common case) are decided with C-level maps, without a Python call per item.
+    """
+    keep: list[int] = []
+    for start in range(0, len(items), block):
+        seg = items[start : start + block]
+        sids = ids[start : start + block]
+        if None not in sids:
+            refs = list(map(first.__getitem__, sids))
+            if all(map(operator.is_, seg, refs)):
+                keep.extend(range(start, start + len(seg)))
+                continue
+            try:
+                same = list(map(operator.eq, map(_TENSOR, seg), map(_TENSOR, refs)))
+            except AttributeError:  # object items, or a tensor item without a chunk
+                same = None
+            if same is not None:
+                if all(same):
+                    keep.extend(range(start, start + len(seg)))
+                    continue
+                # a few differ (split slices, violations): only those take the per-item path
+                keep.extend(itertools.compress(range(start, start + len(seg)), same))
+                odd = [p for p, ok in enumerate(same) if not ok]
+                sub = _whole_slow([seg[p] for p in odd], [sids[p] for p in odd], first, slices,
+                                  lambda j, s=start, odd=odd: rank_at(s + odd[j]), out)
+                keep.extend(start + odd[j] for j in sub)
+                continue
+        keep.extend(start + p for p in _whole_slow(seg, sids, first, slices, lambda p, s=start: rank_at(s + p), out))
+    keep.sort()
+    return keep
+
+
+def _whole_slow(
+    items: Sequence[WriteItem], ids: list[Any], first: Sequence[WriteItem], slices: list[Any], rank_at: Any,
+    out: Violations,
+) -> list[int]:
+    keep: list[int] = []
+    for p, (item, k) in enumerate(zip(items, ids)):
+        if k is None:
+            slices.append((rank_at(p), item, None))
+            continue
+        ref = first[k]
+        if item is ref:
+            keep.append(p)
+            continue
+        td, rtd = item.tensor_data, ref.tensor_data
+        if (td is None) != (rtd is None):
+            out.add(f"rank {rank_at(p)} writes {_where(item.index.fqn, None)} as "
+                    f"{'an object' if td is None else 'a tensor'}; it is held as "
+                    f"{'an object' if rtd is None else 'a tensor'}")
+            continue
+        if td is None:
+            keep.append(p)
+            continue
+        if td.chunk is None or tuple(td.chunk.sizes) != tuple(rtd.chunk.sizes) or (
+            tuple(td.chunk.offsets) != tuple(rtd.chunk.offsets)
+        ):
+            slices.append((rank_at(p), item, k))
+            continue
+        if td.properties.dtype != rtd.properties.dtype or tuple(td.size) != tuple(rtd.size):
+            out.add(f"rank {rank_at(p)} writes {_where(item.index.fqn, None)} as {_describe(_signature(item))}; "
+                    f"it is held as {_describe(_signature(ref))}")
+            continue
+        keep.append(p)
+    return keep
+
+
+def _key_text(index: PlanIndex, k: int) -> str:
+    key = index.keys[k]
+    ref = index.first[k]
+    td = ref.tensor_data
+    if td is None or td.chunk is None:
+        return _where(key.fqn, None)
+    if tuple(td.chunk.sizes) == tuple(td.size):
+        return _where(key.fqn, None)
+    return _where(key.fqn, td.chunk.offsets, td.chunk.sizes)
+
+
+def _inside(outer: Any, inner: tuple[Any, Any]) -> bool:
+    oo, os_ = tuple(outer.offsets), tuple(outer.sizes)
+    io, is_ = inner
+    return len(oo) == len(io) == len(is_) and all(
+        a <= b and b + s <= a + t for a, t, b, s in zip(oo, os_, io, is_)
+    )
+
+
+def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violations) -> set[int]:
+    """Slices: inside a chunk their rank holds, index offset = chunk offset, tiling it exactly."""
+    if not slices:
+        return set()
+    by_fqn: dict[str, list[int]] | None = None
+    pieces: dict[int, list[tuple[int, Any, Any]]] = {}
+    holders, first = index.holders, index.first
+    for rank, item, cand in slices:
+        fqn = item.index.fqn
+        td = item.tensor_data
+        if td is None or td.chunk is None:
+            out.add(f"rank {rank} writes {_where(fqn, item.index.offset)}, which no rank holds in that form")
+            continue
+        ch = (tuple(td.chunk.offsets), tuple(td.chunk.sizes))
+        off = item.index.offset
+        if off is None or tuple(off) != ch[0]:
+            out.add(f"rank {rank} writes {_where(fqn, *ch)} with MetadataIndex.offset "
+                    f"{None if off is None else tuple(off)}, not its chunk offset {ch[0]}: a load would fail "
+                    "with KeyError (the index offset must equal the chunk offset)")
+            continue
+        if cand is not None and rank in holders[cand] and _held_chunk_contains(first[cand], ch):
+            pieces.setdefault(cand, []).append((rank, ch, td))  # the usual split slice: its first piece
+            continue
+        if by_fqn is None:
+            by_fqn = _keys_by_fqn(index, {it.index.fqn for _, it, _ in slices})
+        if fqn not in by_fqn:
+            out.add(f"rank {rank} writes {fqn!r}, which no rank holds (a strategy must not invent items)")
+            continue
+        container = [k for k in by_fqn[fqn] if _held_chunk_contains(first[k], ch)]
+        mine = [k for k in container if rank in holders[k]]
+        if not mine:
+            if container:
+                k = container[0]
+                out.add(f"rank {rank} writes {_where(fqn, *ch)}, part of {_key_text(index, k)}, which it does "
+                        f"not hold (holders: ranks {_ranks(holders[k])})")
+            else:
+                out.add(f"rank {rank} writes {_where(fqn, *ch)}, which lies outside every chunk of {fqn!r} "
+                        "that any rank holds")
+            continue
+        pieces.setdefault(mine[0], []).append((rank, ch, td))
+    for k, got in pieces.items():
+        _check_tiling(index, k, got, int(count[k]), out)
+    return set(pieces)
+
+
+def _held_chunk_contains(held: WriteItem, ch: tuple[Any, Any]) -> bool:
+    td = held.tensor_data
+    return td is not None and td.chunk is not None and _inside(td.chunk, ch)
+
+
+def _keys_by_fqn(index: PlanIndex, wanted: set[str]) -> dict[str, list[int]]:
+    fqns = list(map(_FQN, index.keys))
+    out: dict[str, list[int]] = {}
+    for k in itertools.compress(range(len(fqns)), map(wanted.__contains__, fqns)):
+        out.setdefault(fqns[k], []).append(k)
+    return out
+
+
+def _check_tiling(index: PlanIndex, k: int, got: list[Any], whole: int, out: Violations) -> None:
+    from dcplan.compat import ChunkStorageMetadata
+    from dcplan.save.validate import _overlaps
+
+    ref = index.first[k].tensor_data
+    assert ref is not None and ref.chunk is not None  # a slice's container is a chunked tensor item
+    what = _key_text(index, k)
+    if whole:
+        out.add(f"{what} is written whole and also as {len(got)} slice(s): its elements are written twice")
+        return
+    if any(td.properties.dtype != ref.properties.dtype or tuple(td.size) != tuple(ref.size) for _, _, td in got):
+        out.add(f"slices of {what} change its dtype or global size")
+        return
+    chunks = [ChunkStorageMetadata(offsets=o, sizes=s) for _, (o, s), _ in got]
+    overlaps = _overlaps(index.keys[k].fqn, chunks, tuple(ref.size))
+    if overlaps:
+        fqn = index.keys[k].fqn
+        shown = ", ".join(f"{_where(fqn, o, s)} (rank {r})" for r, (o, s), _ in got[:4])
+        out.add(f"the slices of {what} overlap, so some elements are written twice: {shown}"
+                + (f" and {len(got) - 4} more" if len(got) > 4 else ""))
+        return
+    volume = sum(math.prod(s) for _, (_, s), _ in got)
+    total = math.prod(ref.chunk.sizes)
+    if volume != total:
+        out.add(f"the slices of {what} cover {volume} of its {total} elements (slices must tile the held chunk "
+                "exactly)")
+
+
+def _writers(index: PlanIndex, deduped: Sequence[SavePlan], ks: Sequence[int]) -> dict[int, list[int]]:
+    """Which ranks write each key of ``ks`` whole (an error path: one pass over the output)."""
+    want = {index.keys[k].fqn for k in ks}
+    found: dict[int, list[int]] = {k: [] for k in ks}
+    for rank, plan in enumerate(deduped):
+        for item in plan.items:
+            if item.index.fqn in want:
+                k = index.lookup.get(_KEY(item))
+                if k in found:
+                    found[k].append(rank)
+    return found
+
+
+def _check_counts(
+    index: PlanIndex, deduped: Sequence[SavePlan], count: Any, sliced: set[int], out: Violations
+) -> None:
+    import numpy as np
+
+    if sliced:
+        count = count.copy()
+        count[list(sliced)] = 1
+    dropped = np.flatnonzero(count == 0)
+    for k in dropped[: out.keep].tolist():
+        out.add(f"{_key_text(index, k)} is held by ranks {_ranks(index.holders[k])} but no rank writes it "
+                "(dropped: the checkpoint would lack it)")
+    out.total += max(0, len(dropped) - min(len(dropped), out.keep))
+    twice = np.flatnonzero(count > 1)
+    shown = twice[: out.keep].tolist()
+    writers = _writers(index, deduped, shown) if shown else {}
+    for k in shown:
+        w = writers.get(k) or []
+        by = " and ".join(f"rank {r}" for r in w[:2]) + (f" and {len(w) - 2} more" if len(w) > 2 else "")
+        out.add(f"{_key_text(index, k)} is written by {by} ({int(count[k])} copies of one item)")
+    out.total += max(0, len(twice) - min(len(twice), out.keep))
+
+
+def verify_dedup(
+    index: PlanIndex, deduped: Sequence[SavePlan], strategy: str, distribution: str | None = None
+) -> None:
+    """Raise :class:`StrategyError` when ``deduped`` breaks the strategy contract (see module doc)."""
+    found = find_violations(index, deduped)
+    if found:
+        raise StrategyError(strategy, distribution, found.shown, found.total)
