@@ -87,13 +87,21 @@ class PlanIndex:
         length and the same first, middle and last keys) are indexed once: a
         DDP or HSDP save then costs the coordinator one pass over the distinct
         plans instead of over every entry. ``None`` entries are indexed alone.
+    :param hosts: optional, one per rank: the host name the rank runs on
+        (:attr:`dcplan.save.planner.RankPayload.host`); ranks sharing a host form
+        a node (per-node report, ``balance = "node"``). Kept as ``hosts``.
     """
 
     __slots__ = (
-        "world_size", "keys", "first", "holders", "ids", "_nbytes", "_members", "_flat", "_bounds", "__weakref__"
+        "world_size", "keys", "first", "holders", "ids", "hosts", "_nbytes", "_members", "_flat", "_bounds", "__weakref__"
     )
 
-    def __init__(self, all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> None:
+    def __init__(
+        self,
+        all_plans: Sequence[SavePlan],
+        digests: Sequence[Any] | None = None,
+        hosts: Sequence[str | None] | None = None,
+    ) -> None:
         # Keys are (fqn, offset) tuples: the same equality as MetadataIndex (which ignores
         # the index hint) but built and hashed in C. Entries whose key is already known
         # (every replica after the first) never run Python bytecode: the key lookup is a
@@ -144,6 +152,7 @@ class PlanIndex:
             all_ids.append(ids)
             rep_of.append(rank)
         self.world_size = len(all_plans)
+        self.hosts: tuple[str | None, ...] | None = tuple(hosts) if hosts is not None else None
         self.keys = keys
         self.first = first
         self.ids = all_ids
@@ -277,7 +286,11 @@ def clear_index_cache() -> None:
         _cache = None
 
 
-def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> PlanIndex:
+def index_plans(
+    all_plans: Sequence[SavePlan],
+    digests: Sequence[Any] | None = None,
+    hosts: Sequence[str | None] | None = None,
+) -> PlanIndex:
     """Build a :class:`PlanIndex` (one dict lookup per entry of each distinct plan).
 
     The last index is remembered while its plans are alive, so the strategy and
@@ -285,6 +298,8 @@ def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = N
 
     :param digests: per rank, a digest of its plan's keys or ``None`` (see
         :class:`PlanIndex`); only used when the index is built here.
+    :param hosts: per rank, its host name or ``None`` (see :class:`PlanIndex`);
+        when given, a remembered index is reused only if its hosts are equal.
     """
     global _cache
     plans = list(all_plans)
@@ -296,9 +311,10 @@ def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = N
             len(refs) == len(plans)
             and all(r() is p for r, p in zip(refs, plans))
             and all(len(p.items) == n for p, n in zip(plans, lens))
+            and (hosts is None or idx.hosts == tuple(hosts))
         ):
             return idx
-    idx = PlanIndex(plans, digests)
+    idx = PlanIndex(plans, digests, hosts)
     try:
         entry = ([weakref.ref(p) for p in plans], [len(p.items) for p in plans], idx)
     except TypeError:  # pragma: no cover - a plan type without weakref support

@@ -21,17 +21,23 @@ operation per replicated item, i.e. O(entries + items log holders).
 
 from __future__ import annotations
 
-import heapq
+import math
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import dcplan
 from dcplan.compat import SavePlan, WriteItem
 from dcplan.gcpause import paused_gc
 from dcplan.save.index import PlanIndex, index_plans
+from dcplan.save.report import _bound
+
+from dcplan_size_balanced.solver import Solution, greedy, solve
 
 __all__ = ["balanced", "torch_parity", "size_balanced", "MODES"]
 
 MODES = ("balanced", "torch")
+BALANCES = ("rank", "node")
 
 
 def _torch_weight(item: WriteItem) -> int:
@@ -45,85 +51,124 @@ def _torch_weight(item: WriteItem) -> int:
     return n * td.properties.dtype.itemsize or 1
 
 
-def _assign(
-    idx: PlanIndex, order: Sequence[int], weight: Sequence[int], load: list[int], owner: list[int]
-) -> None:
-    """Give each key of ``order`` to its least-loaded holder (ties: lowest rank).
+def torch_weights(items: Sequence[WriteItem]) -> list[int]:
+    """:func:`_torch_weight` of every item, with C-level maps for tensor items."""
+    try:
+        sizes = list(map(_TD_SIZE, items))
+        dtypes = list(map(_TD_DTYPE, items))
+    except AttributeError:  # an object item somewhere
+        return [_torch_weight(i) for i in items]
+    isz = {d: int(d.itemsize) for d in set(dtypes)}
+    return [(math.prod(s) * isz[d]) or 1 for s, d in zip(sizes, dtypes)]
 
-    One lazy min-heap per distinct holder set: an entry whose recorded load is
-    stale (the rank got work through another set) is refreshed when it reaches
-    the top; loads only grow, so a fresh top is the true minimum.
-    """
-    holders = idx.holders
-    heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    replace = heapq.heapreplace
-    for k in order:
-        hs = holders[k]
-        if len(hs) == 1:
-            r = hs[0]
-            owner[k] = r
-            load[r] += weight[k]
-            continue
-        g = tuple(hs)
-        heap = heaps.get(g)
-        if heap is None:
-            heap = [(load[r], r) for r in hs]
-            heapq.heapify(heap)
-            heaps[g] = heap
-        while True:
-            seen, r = heap[0]
-            cur = load[r]
-            if seen == cur:
-                break
-            replace(heap, (cur, r))
-        owner[k] = r
-        cur += weight[k]
-        load[r] = cur
-        replace(heap, (cur, r))
+
+_TD_SIZE = operator.attrgetter("tensor_data.size")
+_TD_DTYPE = operator.attrgetter("tensor_data.properties.dtype")
 
 
 def balanced_owners(idx: PlanIndex) -> list[int]:
-    """The owner rank of each key of ``idx`` under the ``balanced`` rule."""
-    holders = idx.holders
+    """The owner rank of each key of ``idx`` under the ``balanced`` rule (portfolio + local search)."""
+    return balanced_solution(idx).owner
+
+
+def balanced_solution(idx: PlanIndex) -> Solution:
+    """The full :class:`~dcplan_size_balanced.solver.Solution` of the ``balanced`` mode on ``idx``."""
+    lb = _bound(idx.world_size, idx.holders, idx.nbytes)[0]
+    return solve(idx.world_size, idx.holders, idx.nbytes, lower_bound=lb, torch_weights=torch_weights(idx.first))
+
+
+def node_owners(idx: PlanIndex, hosts: Sequence[str | None] | None) -> list[int]:
+    """``balance = "node"``: nodes first (ranks sharing a host), then ranks within each node.
+
+    Nodes are numbered by first appearance in rank order; a rank whose host is
+    unknown (``None``) is a node of its own. Step 1 assigns every item to a
+    node holding it (the same portfolio + local search, on nodes); step 2
+    assigns it to one of its holders on that node.
+    """
+    node_of = node_ids(idx.world_size, hosts)
+    nodes = max(node_of, default=-1) + 1
     nb = idx.nbytes
-    load = idx.fixed_loads()
-    owner = [h[0] for h in holders]
-    rep = [k for k, h in enumerate(holders) if len(h) > 1]
-    rep.sort(key=lambda k: (len(holders[k]), -nb[k], k))
-    _assign(idx, rep, nb, load, owner)
-    return owner
+    node_holders = [tuple(sorted({node_of[r] for r in hs})) for hs in idx.holders]
+    lb = _bound(nodes, node_holders, nb)[0]
+    step1 = solve(nodes, node_holders, nb, lower_bound=lb).owner
+    within = [tuple(r for r in hs if node_of[r] == n) for hs, n in zip(idx.holders, step1)]
+    lb = _bound(idx.world_size, within, nb)[0]
+    return solve(idx.world_size, within, nb, lower_bound=lb).owner
 
 
-def balanced(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
-    """Fixed loads first; replicated items fewest-holders-first, largest-first, to the least-loaded holder."""
-    idx = index_plans(all_plans)
-    return idx.apply_owners(all_plans, balanced_owners(idx))
+def node_ids(world: int, hosts: Sequence[str | None] | None) -> list[int]:
+    """Per rank, its node number: ranks with equal host names share one (first-appearance order)."""
+    out: list[int] = []
+    seen: dict[str, int] = {}
+    count = 0
+    for r in range(world):
+        h = hosts[r] if hosts is not None and r < len(hosts) else None
+        if h is None:
+            out.append(count)
+            count += 1
+            continue
+        n = seen.get(h)
+        if n is None:
+            n = seen[h] = count
+            count += 1
+        out.append(n)
+    return out
 
 
-def torch_parity(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
-    """torch's greedy: items in first-seen order, weight = global tensor bytes, ties to the lowest rank."""
-    idx = index_plans(all_plans)
-    # torch weighs the last holder's copy; every holder's copy has the same global size and
-    # dtype in a valid plan (build_global_plan rejects the others), so the first one is used.
-    weight = [_torch_weight(i) for i in idx.first]
-    owner = [0] * len(idx)
-    _assign(idx, range(len(idx)), weight, [0] * idx.world_size, owner)
+def balanced(
+    all_plans: Sequence[SavePlan], *, index: PlanIndex | None = None, balance: str = "rank"
+) -> list[SavePlan]:
+    """Best of torch's greedy, LPT and fewest-holders-first, improved by local search (see the module doc)."""
+    idx = index if index is not None else index_plans(all_plans)
+    if balance == "node":
+        owner = node_owners(idx, getattr(idx, "hosts", None))
+    else:
+        owner = balanced_owners(idx)
     return idx.apply_owners(all_plans, owner)
 
 
-def size_balanced(all_plans: Sequence[SavePlan], mode: str = "balanced") -> list[SavePlan]:
-    """The ``size_balanced`` strategy; ``mode`` is ``"balanced"`` (default) or ``"torch"``."""
-    if mode == "balanced":
-        with paused_gc():
-            return balanced(all_plans)
-    if mode == "torch":
-        with paused_gc():
-            return torch_parity(all_plans)
-    raise ValueError(
-        f"size_balanced: unknown mode {mode!r}; choose one of: {', '.join(MODES)} "
-        '(e.g. strategy_options = {mode = "balanced"})'
-    )
+def torch_parity(all_plans: Sequence[SavePlan], *, index: PlanIndex | None = None) -> list[SavePlan]:
+    """torch's greedy: items in first-seen order, weight = global tensor bytes, ties to the lowest rank."""
+    idx = index if index is not None else index_plans(all_plans)
+    # torch weighs the last holder's copy; every holder's copy has the same global size and
+    # dtype in a valid plan (build_global_plan rejects the others), so the first one is used.
+    weight = torch_weights(idx.first)
+    owner = [0] * len(idx)
+    greedy(idx.world_size, idx.holders, range(len(idx)), weight, [0] * idx.world_size, owner)
+    return idx.apply_owners(all_plans, owner)
 
+
+def check_options(options: dict[str, Any]) -> None:
+    """Reject unknown ``mode`` / ``balance`` values (runs on every rank when a planner is built)."""
+    mode = options.get("mode", "balanced")
+    if mode not in MODES:
+        raise ValueError(
+            f"size_balanced: unknown mode {mode!r}; choose one of: {', '.join(MODES)} "
+            '(e.g. strategy_options = {mode = "balanced"})'
+        )
+    bal = options.get("balance", "rank")
+    if bal not in BALANCES:
+        raise ValueError(
+            f"size_balanced: unknown balance {bal!r}; choose one of: {', '.join(BALANCES)} "
+            '(e.g. strategy_options = {balance = "node"})'
+        )
+    if bal == "node" and mode != "balanced":
+        raise ValueError('size_balanced: balance = "node" needs mode = "balanced"')
+
+
+def size_balanced(
+    all_plans: Sequence[SavePlan], mode: str = "balanced", balance: str = "rank", *, index: PlanIndex | None = None
+) -> list[SavePlan]:
+    """The ``size_balanced`` strategy; ``mode`` is ``"balanced"`` (default) or ``"torch"``.
+
+    :param balance: ``"rank"`` (default) or ``"node"`` (nodes first, then ranks; hosts from the index).
+    :param index: a :class:`PlanIndex` of ``all_plans`` (built here when ``None``).
+    """
+    check_options({"mode": mode, "balance": balance})
+    with paused_gc():
+        if mode == "balanced":
+            return balanced(all_plans, index=index, balance=balance)
+        return torch_parity(all_plans, index=index)
 
 
 @dcplan.hookimpl
@@ -136,6 +181,7 @@ def dcplan_register_strategies() -> list[dcplan.Strategy]:
                 "replicated items go to the least-loaded holder, by bytes written, fewest holders and "
                 "largest first (mode: balanced | torch = torch's greedy with lowest-rank ties)"
             ),
-            options={"mode": "balanced"},
+            options={"mode": "balanced", "balance": "rank"},
+            check_options=check_options,
         )
     ]

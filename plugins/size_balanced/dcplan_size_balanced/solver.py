@@ -1,0 +1,381 @@
+"""Restricted assignment of replicated items: a portfolio of greedy orders, then local search.
+
+The problem (``/work/shared/reference/peers.md`` section 5): every item ``k`` has
+a size ``sizes[k]`` (bytes written) and a holder set ``holders[k]``; give each
+item to one holder so that the busiest rank writes as little as possible.
+
+:func:`solve` runs a small portfolio of greedy constructions, keeps the one
+whose busiest rank is lightest (ties: in :data:`PREFERENCE` order), then
+improves it by moves and swaps off the busiest rank:
+
+1. ``torch``: torch's ``dedup_save_plans`` replayed exactly (items in
+   first-seen order, weight = the global tensor bytes or 1, ties in the
+   iteration order of the holder ``set`` torch builds), measured in bytes
+   actually written. Only when ``torch_weights`` is given.
+2. ``lpt``: plain LPT, every item (single-holder ones included) largest first
+   (ties: first seen) to its least-loaded holder (ties: lowest rank).
+3. ``lpt_fixed``: LPT with every rank's fixed load counted first.
+4. ``fewest_holders``: fixed loads first, then fewest holders first, largest
+   first (Megatron's "least flexible job first").
+5. ``target``: fewest holders first, largest first, each item to the
+   *fullest* holder it fits on under the lower bound (best fit), else to the
+   least-loaded one. This finds packings no list order finds (issue 15's
+   4-rank example: 25 MB where the orders above give 35 MB).
+
+The local search then repeats: take the busiest rank ``b`` (ties: lowest);
+move one of its items to another holder, or swap one of its items with a
+smaller item of another rank, choosing the exchange that leaves both ranks
+lowest, provided both end strictly below ``b``'s load. Each step lowers the
+pair (busiest load, number of ranks at it), so it ends; it also stops at the
+lower bound (optimal) or after an iteration budget. No wall-clock limit: the
+result depends only on the input.
+
+Because the portfolio contains torch's greedy and LPT computed exactly as
+they would be, and the local search never raises the busiest load, the result
+is never worse than either. Everything is deterministic: lists and
+insertion-ordered dicts, ties broken by rank or key id.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+
+__all__ = ["Solution", "solve", "greedy", "busiest", "PREFERENCE"]
+
+#: portfolio entries, in the order that breaks ties between equally good ones
+PREFERENCE = ("fixed", "fewest_holders", "lpt_fixed", "lpt", "target", "torch")
+
+
+@attrs.frozen
+class Solution:
+    """An assignment: ``owner[k]`` per item, the loads it gives and where it came from."""
+
+    owner: list[int]
+    loads: list[int]
+    busiest: int
+    start: str  # the portfolio entry the local search started from
+    candidates: dict[str, int]  # portfolio entry -> its busiest load (before local search)
+    moves: int = 0
+
+
+def busiest(loads: Sequence[int]) -> int:
+    return max(loads, default=0)
+
+
+def greedy(
+    world: int,
+    holders: Sequence[Sequence[int]],
+    order: Sequence[int],
+    weight: Sequence[int],
+    load: list[int],
+    owner: list[int],
+    tie: dict[tuple[int, ...], dict[int, int]] | None = None,
+) -> None:
+    """Give each key of ``order`` to its least-loaded holder, by ``weight`` (updates ``load``/``owner``).
+
+    Ties go to the lowest rank, or to the lowest ``tie[group][rank]`` when given.
+    One lazy min-heap per distinct holder set: an entry whose recorded load is
+    stale is refreshed when it reaches the top; loads only grow, so a fresh
+    top is the true minimum.
+    """
+    heaps: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+    replace = heapq.heapreplace
+    for k in order:
+        hs = holders[k]
+        if len(hs) == 1:
+            r = hs[0]
+            owner[k] = r
+            load[r] += weight[k]
+            continue
+        g = tuple(hs)
+        heap = heaps.get(g)
+        if heap is None:
+            pos = tie[g] if tie is not None else None
+            heap = [(load[r], pos[r] if pos is not None else r, r) for r in hs]
+            heapq.heapify(heap)
+            heaps[g] = heap
+        while True:
+            seen, p, r = heap[0]
+            cur = load[r]
+            if seen == cur:
+                break
+            replace(heap, (cur, p, r))
+        owner[k] = r
+        cur += weight[k]
+        load[r] = cur
+        replace(heap, (cur, p, r))
+
+
+def _loads(fixed: Sequence[int], rep: Sequence[int], owner: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    load = list(fixed)
+    for k in rep:
+        load[owner[k]] += sizes[k]
+    return load
+
+
+def _torch_ties(holders: Sequence[Sequence[int]], keys: Sequence[int]) -> dict[tuple[int, ...], dict[int, int]]:
+    """Per holder set, each rank's position in the iteration order of the ``set`` torch builds.
+
+    torch adds ranks in ascending order (``set.add`` per plan) and picks
+    ``min(set, key=load)``: the first minimum in iteration order. ``set(tuple)``
+    inserts in the same order, so the order (a CPython detail) is reproduced
+    exactly by the running interpreter.
+    """
+    out: dict[tuple[int, ...], dict[int, int]] = {}
+    for k in keys:
+        g = tuple(holders[k])
+        if g not in out:
+            out[g] = {r: i for i, r in enumerate(set(g))}
+    return out
+
+
+def _target_fit(
+    world: int,
+    holders: Sequence[Sequence[int]],
+    order: Sequence[int],
+    sizes: Sequence[int],
+    load: list[int],
+    owner: list[int],
+    target: int,
+) -> None:
+    """Each item to the fullest holder it fits on under ``target`` (best fit), else the least-loaded."""
+    loadn = np.asarray(load, dtype=np.int64)
+    arrays: dict[tuple[int, ...], np.ndarray] = {}
+    for k in order:
+        hs = holders[k]
+        p = sizes[k]
+        if len(hs) <= 16:
+            best_r, best_l, low_r, low_l = -1, -1, -1, -1
+            for r in hs:
+                lr = load[r]
+                if lr + p <= target and lr > best_l:
+                    best_r, best_l = r, lr
+                if low_r < 0 or lr < low_l:
+                    low_r, low_l = r, lr
+            r = best_r if best_r >= 0 else low_r
+        else:
+            g = tuple(hs)
+            arr = arrays.get(g)
+            if arr is None:
+                arr = arrays[g] = np.asarray(g, dtype=np.int64)
+            ls = loadn[arr]
+            fits = ls + p <= target
+            if fits.any():
+                cand = np.where(fits, ls, -1)
+                r = int(arr[int(np.argmax(cand))])
+            else:
+                r = int(arr[int(np.argmin(ls))])
+        owner[k] = r
+        load[r] += p
+        loadn[r] = load[r]
+
+
+def solve(
+    world: int,
+    holders: Sequence[Sequence[int]],
+    sizes: Sequence[int],
+    *,
+    lower_bound: int = 0,
+    torch_weights: Sequence[int] | None = None,
+    max_steps: int | None = None,
+) -> Solution:
+    """Owners for every item (see the module doc); ``sizes`` are the bytes each item writes.
+
+    :param lower_bound: a lower bound on the busiest load (the search stops there).
+    :param torch_weights: torch's weight per item; when given, torch's greedy
+        (items in index order) is part of the portfolio.
+    :param max_steps: local-search steps (default ``4 * (world + replicated items)``).
+    """
+    n = len(holders)
+    rep = [k for k in range(n) if len(holders[k]) > 1]
+    fixed = [0] * world
+    base_owner = [hs[0] if hs else -1 for hs in holders]
+    for k in range(n):
+        if len(holders[k]) == 1:
+            fixed[holders[k][0]] += sizes[k]
+    candidates: dict[str, tuple[list[int], list[int]]] = {}
+
+    def add(name: str, owner: list[int]) -> None:
+        candidates[name] = (owner, _loads(fixed, rep, owner, sizes))
+
+    if torch_weights is not None:
+        owner = list(base_owner)
+        greedy(world, holders, range(n), torch_weights, [0] * world, owner, _torch_ties(holders, rep))
+        add("torch", owner)
+    if not rep:
+        owner = list(base_owner)
+        add("fixed", owner)
+    else:
+        # stable: ties in first-seen order
+        by_size = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
+        owner = list(base_owner)
+        greedy(world, holders, by_size, sizes, [0] * world, owner)
+        add("lpt", owner)
+        rep_by_size = [k for k in by_size if len(holders[k]) > 1]
+        owner = list(base_owner)
+        greedy(world, holders, rep_by_size, sizes, list(fixed), owner)
+        add("lpt_fixed", owner)
+        fhf = sorted(rep_by_size, key=lambda k: len(holders[k]))  # stable: then largest, then first seen
+        owner = list(base_owner)
+        greedy(world, holders, fhf, sizes, list(fixed), owner)
+        add("fewest_holders", owner)
+        best_so_far = min(busiest(ld) for _, ld in candidates.values())
+        if lower_bound < best_so_far:
+            owner = list(base_owner)
+            _target_fit(world, holders, fhf, sizes, list(fixed), owner, lower_bound)
+            add("target", owner)
+    scores = {name: busiest(ld) for name, (_, ld) in candidates.items()}
+    # the lightest busiest rank; ties: the first of PREFERENCE (torch's greedy last)
+    start = min(candidates, key=lambda name: (scores[name], PREFERENCE.index(name)))
+    owner, load = candidates[start]
+    owner = list(owner)
+    load = list(load)
+    moves = 0
+    if rep and scores[start] > lower_bound:
+        steps = max_steps if max_steps is not None else 4 * (world + len(rep))
+        moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, steps)
+    return Solution(owner=owner, loads=load, busiest=busiest(load), start=start, candidates=scores, moves=moves)
+
+
+def _improve(
+    world: int,
+    holders: Sequence[Sequence[int]],
+    sizes: Sequence[int],
+    rep: Sequence[int],
+    owner: list[int],
+    load: list[int],
+    lower_bound: int,
+    steps: int,
+) -> int:
+    """Moves and swaps off the busiest rank while both ranks end strictly below it; returns the steps taken."""
+    on: list[dict[int, None]] = [{} for _ in range(world)]
+    gid: dict[int, int] = {}
+    groups: dict[tuple[int, ...], int] = {}
+    arrays: list[np.ndarray] = []
+    for k in rep:
+        on[owner[k]][k] = None
+        g = tuple(holders[k])
+        i = groups.get(g)
+        if i is None:
+            i = groups[g] = len(arrays)
+            arrays.append(np.asarray(g, dtype=np.int64))
+        gid[k] = i
+    loadn = np.asarray(load, dtype=np.int64)
+    taken = 0
+    while taken < steps:
+        b = int(np.argmax(loadn))  # first maximum: the lowest busiest rank
+        top = load[b]
+        if top <= lower_bound or not on[b]:
+            break
+        move = _best_move(b, top, on[b], gid, arrays, sizes, load, loadn)
+        if move is not None:
+            k, r = move
+            _apply(k, b, r, sizes, owner, load, loadn, on)
+            taken += 1
+            continue
+        swap = _best_swap(b, top, on, gid, arrays, holders, sizes, load, loadn)
+        if swap is None:
+            break
+        k, r, i = swap
+        _apply(k, b, r, sizes, owner, load, loadn, on)
+        _apply(i, r, b, sizes, owner, load, loadn, on)
+        taken += 1
+    return taken
+
+
+def _apply(
+    k: int, src: int, dst: int, sizes: Sequence[int], owner: list[int], load: list[int], loadn: np.ndarray,
+    on: list[dict[int, None]],
+) -> None:
+    p = sizes[k]
+    owner[k] = dst
+    load[src] -= p
+    load[dst] += p
+    loadn[src] = load[src]
+    loadn[dst] = load[dst]
+    del on[src][k]
+    on[dst][k] = None
+
+
+def _least_other(arr: np.ndarray, b: int, loadn: np.ndarray) -> tuple[int, int]:
+    """The least-loaded rank of ``arr`` other than ``b`` (ties: lowest rank)."""
+    ls = loadn[arr].copy()
+    ls[arr == b] = np.iinfo(np.int64).max
+    j = int(np.argmin(ls))
+    return int(ls[j]), int(arr[j])
+
+
+def _best_move(
+    b: int, top: int, mine: dict[int, None], gid: dict[int, int], arrays: list[np.ndarray],
+    sizes: Sequence[int], load: list[int], loadn: np.ndarray,
+) -> tuple[int, int] | None:
+    """The item of ``b`` and its destination that leave the pair lowest, if both end below ``top``."""
+    least: dict[int, tuple[int, int]] = {}
+    best: tuple[int, int, int] | None = None
+    for k in mine:
+        g = gid[k]
+        m = least.get(g)
+        if m is None:
+            m = least[g] = _least_other(arrays[g], b, loadn)
+        lr, r = m
+        p = sizes[k]
+        if p > 0 and lr + p < top:
+            score = max(top - p, lr + p)
+            if best is None or (score, k) < (best[0], best[1]):
+                best = (score, k, r)
+    return None if best is None else (best[1], best[2])
+
+
+def _best_swap(
+    b: int, top: int, on: list[dict[int, None]], gid: dict[int, int], arrays: list[np.ndarray],
+    holders: Sequence[Sequence[int]], sizes: Sequence[int], load: list[int], loadn: np.ndarray,
+    partners: int = 16,
+) -> tuple[int, int, int] | None:
+    """A swap of an item of ``b`` with a smaller one of another rank ``r``, both ending below ``top``.
+
+    Partners are the ``partners`` least-loaded ranks sharing a holder set with
+    ``b``'s items (ties: lowest rank); for each, the exchange whose size
+    difference is closest to half the load gap wins.
+    """
+    mine = on[b]
+    gs = sorted({gid[k] for k in mine})
+    ranks = np.unique(np.concatenate([arrays[g] for g in gs]))
+    ranks = ranks[ranks != b]
+    if not len(ranks):
+        return None
+    order = np.lexsort((ranks, loadn[ranks]))[:partners]
+    best: tuple[int, int, int, int, int] | None = None
+    for r in ranks[order].tolist():
+        gap = top - load[r]
+        if gap <= 1:
+            continue
+        outs = [k for k in mine if _holds(holders[k], r)]
+        ins = sorted((sizes[i], i) for i in on[r] if _holds(holders[i], b))
+        if not outs or not ins:
+            continue
+        in_sizes = [s for s, _ in ins]
+        for k in outs:
+            p = sizes[k]
+            # want p - q in (0, gap), closest to gap / 2: q closest to p - gap / 2
+            want = p - gap / 2
+            j = bisect.bisect_left(in_sizes, want)
+            for jj in (j - 1, j):
+                if 0 <= jj < len(ins):
+                    q, i = ins[jj]
+                    d = p - q
+                    if 0 < d < gap:
+                        score = max(top - d, load[r] + d)
+                        cand = (score, k, i, r, 0)
+                        if best is None or cand < best:
+                            best = cand
+    return None if best is None else (best[1], best[3], best[2])
+
+
+def _holds(hs: Sequence[int], r: int) -> bool:
+    j = bisect.bisect_left(hs, r)
+    return j < len(hs) and hs[j] == r
