@@ -37,13 +37,23 @@ class RankPayload:
     checkpoint's ``Metadata.planner_data``); ``agreement`` is what every rank must
     share (strategy, options, plugins); ``cache`` is the plan cache's message;
     ``digest`` is :func:`dcplan.save.local.plan_digest` of the rank's full local
-    plan, so the coordinator indexes identical plans once.
+    plan, so the coordinator indexes identical plans once; ``host`` is the
+    rank's host name (:func:`rank_host`): ranks sharing a host form a node.
     """
 
     mapping: Any
     agreement: tuple[Any, ...]
     cache: Any = None
     digest: bytes | None = None
+    host: str | None = None
+
+
+def rank_host() -> str:
+    """This rank's host name: ``DCPLAN_HOST`` when set (tests, containers), else ``socket.gethostname()``."""
+    import os
+    import socket
+
+    return os.environ.get("DCPLAN_HOST") or socket.gethostname()
 
 
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
@@ -127,7 +137,9 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         cache_msg = None
         if self.cache is not None:
             plan, cache_msg = self.cache.local_step(self, plan)
-        payload = RankPayload(mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg, digest=digest)
+        payload = RankPayload(
+            mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg, digest=digest, host=rank_host()
+        )
         self.timings["local"] = time.perf_counter() - t0
         return compat.replace_plan(plan, planner_data=payload)
 
@@ -173,7 +185,9 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             local_plans = [
                 compat.replace_plan(p, planner_data=pl.mapping) for p, pl in zip(all_plans, payloads)
             ]
-        global_plan, metadata = self.plan_global(local_plans, digests=[pl.digest for pl in payloads])
+        global_plan, metadata = self.plan_global(
+            local_plans, digests=[pl.digest for pl in payloads], hosts=[getattr(pl, "host", None) for pl in payloads]
+        )
         if self.cache is not None:
             delta = self.cache.commit_global(self, local_plans, global_plan, metadata)
         else:
@@ -184,19 +198,24 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         return delta, metadata
 
     def plan_global(
-        self, local_plans: list[SavePlan], digests: list[bytes | None] | None = None
+        self,
+        local_plans: list[SavePlan],
+        digests: list[bytes | None] | None = None,
+        hosts: list[str | None] | None = None,
     ) -> tuple[list[SavePlan], Any]:
         """Dedup, metadata, validation and report on full local plans (no caching).
 
         :param digests: per rank, :func:`dcplan.save.local.plan_digest` of its plan
             (or ``None``): ranks with equal digests are indexed once.
+        :param hosts: per rank, its host name (or ``None``): nodes for the report
+            and for ``balance = "node"``.
         """
         from dcplan.gcpause import paused_gc
         from dcplan.save.index import index_plans
 
         with paused_gc():
             # strategies and the report look the index up by these plan objects
-            index_plans(local_plans, digests)
+            index_plans(local_plans, digests, hosts)
             return self._plan_global(local_plans)
 
     def _plan_global(self, local_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:

@@ -30,7 +30,7 @@ import dcplan
 from dcplan.compat import SavePlan, WriteItem
 from dcplan.gcpause import paused_gc
 from dcplan.save.index import PlanIndex, index_plans
-from dcplan.save.report import _bound
+from dcplan.save.report import _bound, node_of_ranks
 
 from dcplan_size_balanced.solver import Solution, greedy, solve
 
@@ -97,22 +97,8 @@ def node_owners(idx: PlanIndex, hosts: Sequence[str | None] | None) -> list[int]
 
 
 def node_ids(world: int, hosts: Sequence[str | None] | None) -> list[int]:
-    """Per rank, its node number: ranks with equal host names share one (first-appearance order)."""
-    out: list[int] = []
-    seen: dict[str, int] = {}
-    count = 0
-    for r in range(world):
-        h = hosts[r] if hosts is not None and r < len(hosts) else None
-        if h is None:
-            out.append(count)
-            count += 1
-            continue
-        n = seen.get(h)
-        if n is None:
-            n = seen[h] = count
-            count += 1
-        out.append(n)
-    return out
+    """Per rank, its node number (see :func:`dcplan.save.report.node_of_ranks`)."""
+    return node_of_ranks(world, hosts if hosts is not None else [])[0]
 
 
 def balanced(
