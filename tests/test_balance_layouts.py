@@ -196,3 +196,36 @@ def test_unknown_hosts_mean_one_node_per_rank() -> None:
 def test_bad_balance_option_names_the_choices() -> None:
     with pytest.raises(ValueError, match="rank, node"):
         size_balanced([SavePlan([])], balance="rack")
+
+
+def test_rank_host_reads_dcplan_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from dcplan.save.planner import RankPayload, rank_host
+
+    monkeypatch.setenv("DCPLAN_HOST", "nodeA")
+    assert rank_host() == "nodeA"
+    monkeypatch.delenv("DCPLAN_HOST")
+    assert rank_host() == socket.gethostname()
+    assert RankPayload(mapping={}, agreement=()).host is None
+
+
+def test_plan_global_reports_nodes_from_hosts() -> None:
+    import dcplan
+
+    wl = workloads.make("ddp", "tiny", 4)
+    planner = dcplan.SavePlanner(strategy="size_balanced", strategy_options={"balance": "node"}, report=False)
+    planner.plan_global(list(wl.plans), hosts=["a", "a", "b", "b"])
+    assert planner.report.node_names == ("a", "b")
+    assert sum(planner.report.bytes_per_node) == planner.report.total_bytes
+    assert planner.report.busiest_node_bytes <= planner.report.node_lower_bound * 1.05
+
+
+def test_cli_plan_ranks_per_node_shows_nodes() -> None:
+    from dcplan.cli.plan import run_plan
+
+    wl, reports, _, errors = run_plan("ep4dp2", "tiny", None, ranks_per_node=4)
+    assert not errors
+    assert "size_balanced[balance=node]" in reports
+    rep = reports["size_balanced"]
+    assert rep.node_names == ("node0", "node1") and "busiest node" in rep.table()

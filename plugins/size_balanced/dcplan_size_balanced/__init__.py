@@ -1,22 +1,26 @@
-"""dcplan-size-balanced: give each replicated item to the least-loaded holder.
+"""dcplan-size-balanced: give each replicated item to one holder, keeping the busiest rank light.
 
-Modes (config ``strategy_options = {mode = "..."}``):
+Modes (config ``strategy_options = {mode = "...", balance = "..."}``):
 
 * ``"balanced"`` (default): weights are the bytes each item actually writes
-  (chunk numel x element size, :func:`dcplan.save.local.item_nbytes`). Every
-  rank's fixed load (the items only it holds) is counted first; replicated
-  items are then assigned fewest-holders-first, then largest-first, each to
-  its least-loaded holder, ties to the lowest rank. This is the "least
-  flexible job first + LPT" rule; on real layouts the busiest rank lands within
-  a few percent of the lower bound, where torch's greedy is often 30 % above.
+  (chunk numel x element size, :func:`dcplan.save.local.item_nbytes`). A
+  portfolio of greedy assignments (torch's greedy replayed exactly, plain LPT,
+  LPT with fixed loads first, fewest-holders-first, a best fit under the lower
+  bound) is scored by the busiest rank; the best is improved by moves and
+  swaps off the busiest rank (:mod:`dcplan_size_balanced.solver`). It is never
+  worse than torch's greedy or plain LPT, by construction.
 * ``"torch"``: the same owners as torch's ``dedup_save_plans`` on the same
   plans (items in first-seen order, weight = the *global* tensor bytes or 1,
   unique items counted only when reached) except that ties go to the lowest
   rank, where torch's follow Python set order.
 
-Both are deterministic (no set or hash order decides anything) and never
-mutate their input. Cost: one dict lookup per plan entry plus a heap
-operation per replicated item, i.e. O(entries + items log holders).
+``balance = "node"`` (with ``mode = "balanced"``): nodes first (ranks sharing
+a host, from the plan index's ``hosts``), then ranks within each node.
+
+All are deterministic (no set or hash order decides anything, no wall-clock
+budget) and never mutate their input. Cost: one dict lookup per plan entry
+plus, per portfolio entry, a heap operation per item; the local search is
+bounded by 4 x (ranks + replicated items) steps.
 """
 
 from __future__ import annotations
