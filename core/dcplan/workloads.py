@@ -474,8 +474,8 @@ def ep_dp(
             dense.append((fqn, shape, dtype))
     for fqn, shape, dtype in dense:
         it = _item(fqn, shape, (0,) * len(shape), shape, dtype)
-        e = expert_of.get(fqn)
-        ranks = range(world) if e is None else [e + ep * d for d in range(dp)]
+        home = expert_of.get(fqn)
+        ranks = range(world) if home is None else [home + ep * d for d in range(dp)]
         for r in ranks:
             per_rank[r].append(it)
     return _finish(per_rank, distinct)

@@ -33,6 +33,7 @@ def strategy_runs(
     functions that accept ``index=`` get ``index``.
     """
     import inspect
+
     from dcplan import compat
     from dcplan.manager import get_plugin_manager
 

@@ -35,7 +35,6 @@ from dcplan.compat import SavePlan, WriteItem
 from dcplan.gcpause import paused_gc
 from dcplan.save.index import PlanIndex, index_plans
 from dcplan.save.report import _bound, node_of_ranks
-
 from dcplan_size_balanced.solver import Solution, greedy, solve
 
 __all__ = ["balanced", "torch_parity", "size_balanced", "MODES"]
