@@ -93,7 +93,10 @@ def test_portfolio_contains_torch_greedy_exactly() -> None:
         idx = PlanIndex(wl.plans)
         sol = balanced_solution(idx)
         torch_b = build_report(wl.plans, compat.torch_dedup_save_plans(wl.plans), index=idx).busiest_bytes
-        assert sol.candidates["torch"] == torch_b, wl.name
+        if "torch" in sol.candidates:
+            assert sol.candidates["torch"] == torch_b, wl.name
+        else:  # skipped: the result is already at the lower bound, which torch's greedy cannot beat
+            assert sol.busiest == build_report(wl.plans, compat.torch_dedup_save_plans(wl.plans)).lower_bound
         assert sol.busiest <= min(sol.candidates.values())
 
 

@@ -8,7 +8,8 @@ item to one holder so that the busiest rank writes as little as possible.
 whose busiest rank is lightest (ties: in :data:`PREFERENCE` order), then
 improves it by moves and swaps off the busiest rank:
 
-1. ``torch``: torch's ``dedup_save_plans`` replayed exactly (items in
+1. ``torch`` (built last, only when the others are above the lower bound):
+   torch's ``dedup_save_plans`` replayed exactly (items in
    first-seen order, weight = the global tensor bytes or 1, ties in the
    iteration order of the holder ``set`` torch builds), measured in bytes
    actually written. Only when ``torch_weights`` is given.
@@ -40,7 +41,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 
 import attrs
 import numpy as np
@@ -181,42 +183,45 @@ def solve(
     sizes: Sequence[int],
     *,
     lower_bound: int = 0,
-    torch_weights: Sequence[int] | None = None,
+    torch_weights: Sequence[int] | Callable[[], Sequence[int]] | None = None,
     max_steps: int | None = None,
 ) -> Solution:
     """Owners for every item (see the module doc); ``sizes`` are the bytes each item writes.
 
+    Entries are built cheapest first and the rest are skipped once one reaches
+    ``lower_bound`` (nothing can beat it): ``fewest_holders`` and ``lpt_fixed``;
+    then ``lpt`` and ``target``; the best is improved; then, if still above the
+    bound, torch's greedy, which replaces the result (improved too) only when
+    strictly better.
+
     :param lower_bound: a lower bound on the busiest load (the search stops there).
-    :param torch_weights: torch's weight per item; when given, torch's greedy
-        (items in index order) is part of the portfolio.
-    :param max_steps: local-search steps (default ``4 * (world + replicated items)``).
+    :param torch_weights: torch's weight per item, or a function returning them
+        (called only when needed); when given, torch's greedy (items in index
+        order) is part of the portfolio.
+    :param max_steps: local-search steps per start (default ``4 * (world + replicated items)``).
     """
     n = len(holders)
-    rep = [k for k in range(n) if len(holders[k]) > 1]
-    fixed = [0] * world
-    base_owner = [hs[0] if hs else -1 for hs in holders]
-    for k in range(n):
-        if len(holders[k]) == 1:
-            fixed[holders[k][0]] += sizes[k]
+    lens = np.fromiter(map(len, holders), dtype=np.int64, count=n)
+    rep: list[int] = np.flatnonzero(lens > 1).tolist()
+    base_owner: list[int] = list(map(_FIRST, holders))
+    single = np.flatnonzero(lens == 1)
+    fixed_np = np.zeros(world, dtype=np.int64)
+    if len(single):
+        np.add.at(fixed_np, np.asarray(base_owner, dtype=np.int64)[single], np.asarray(sizes, dtype=np.int64)[single])
+    fixed: list[int] = fixed_np.tolist()
     candidates: dict[str, tuple[list[int], list[int]]] = {}
 
     def add(name: str, owner: list[int]) -> None:
         candidates[name] = (owner, _loads(fixed, rep, owner, sizes))
 
-    if torch_weights is not None:
-        owner = list(base_owner)
-        greedy(world, holders, range(n), torch_weights, [0] * world, owner, _torch_ties(holders, rep))
-        add("torch", owner)
+    def best() -> int:
+        return min(busiest(ld) for _, ld in candidates.values())
+
     if not rep:
-        owner = list(base_owner)
-        add("fixed", owner)
+        add("fixed", list(base_owner))
     else:
-        # stable: ties in first-seen order
-        by_size = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
-        owner = list(base_owner)
-        greedy(world, holders, by_size, sizes, [0] * world, owner)
-        add("lpt", owner)
-        rep_by_size = [k for k in by_size if len(holders[k]) > 1]
+        rep_sizes = np.asarray([sizes[k] for k in rep], dtype=np.int64)
+        rep_by_size = [rep[i] for i in np.argsort(-rep_sizes, kind="stable").tolist()]  # ties: first seen
         owner = list(base_owner)
         greedy(world, holders, rep_by_size, sizes, list(fixed), owner)
         add("lpt_fixed", owner)
@@ -224,22 +229,63 @@ def solve(
         owner = list(base_owner)
         greedy(world, holders, fhf, sizes, list(fixed), owner)
         add("fewest_holders", owner)
-        best_so_far = min(busiest(ld) for _, ld in candidates.values())
-        if lower_bound < best_so_far:
+        if best() > lower_bound:
+            by_size = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
+            owner = list(base_owner)
+            greedy(world, holders, by_size, sizes, [0] * world, owner)
+            add("lpt", owner)
+        if best() > lower_bound:
             owner = list(base_owner)
             _target_fit(world, holders, fhf, sizes, list(fixed), owner, lower_bound)
             add("target", owner)
+    steps = max_steps if max_steps is not None else 4 * (world + len(rep))
+    result = _search(candidates, world, holders, sizes, rep, lower_bound, steps)
+    if rep and result.busiest > lower_bound and torch_weights is not None:
+        tw = torch_weights() if callable(torch_weights) else torch_weights
+        owner = list(base_owner)
+        greedy(world, holders, range(n), tw, [0] * world, owner, _torch_ties(holders, rep))
+        add("torch", owner)
+        if busiest(candidates["torch"][1]) < result.busiest:
+            alt = _search({"torch": candidates["torch"]}, world, holders, sizes, rep, lower_bound, steps)
+            if alt.busiest < result.busiest:
+                result = alt
     scores = {name: busiest(ld) for name, (_, ld) in candidates.items()}
-    # the lightest busiest rank; ties: the first of PREFERENCE (torch's greedy last)
-    start = min(candidates, key=lambda name: (scores[name], PREFERENCE.index(name)))
-    owner, load = candidates[start]
-    owner = list(owner)
-    load = list(load)
-    moves = 0
-    if rep and scores[start] > lower_bound:
-        steps = max_steps if max_steps is not None else 4 * (world + len(rep))
-        moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, steps)
-    return Solution(owner=owner, loads=load, busiest=busiest(load), start=start, candidates=scores, moves=moves)
+    return attrs.evolve(result, candidates=scores)
+
+
+_FIRST = operator.itemgetter(0)
+
+
+def _search(
+    candidates: dict[str, tuple[list[int], list[int]]],
+    world: int,
+    holders: Sequence[Sequence[int]],
+    sizes: Sequence[int],
+    rep: Sequence[int],
+    lower_bound: int,
+    steps: int,
+) -> Solution:
+    """Local search from each of ``candidates`` (best first; ties: :data:`PREFERENCE` order).
+
+    The first result that reaches ``lower_bound`` ends it; a later start
+    replaces the result only when strictly better.
+    """
+    scores = {name: busiest(ld) for name, (_, ld) in candidates.items()}
+    result: Solution | None = None
+    for start in sorted(candidates, key=lambda name: (scores[name], PREFERENCE.index(name))):
+        owner, load = candidates[start]
+        owner = list(owner)
+        load = list(load)
+        moves = 0
+        if rep and scores[start] > lower_bound:
+            moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, steps)
+        top = busiest(load)
+        if result is None or top < result.busiest:
+            result = Solution(owner=owner, loads=load, busiest=top, start=start, candidates=scores, moves=moves)
+        if result.busiest <= lower_bound:
+            break
+    assert result is not None
+    return result
 
 
 def _improve(
@@ -279,11 +325,18 @@ def _improve(
             taken += 1
             continue
         swap = _best_swap(b, top, on, gid, arrays, holders, sizes, load, loadn)
-        if swap is None:
+        if swap is not None:
+            k, r, i = swap
+            _apply(k, b, r, sizes, owner, load, loadn, on)
+            _apply(i, r, b, sizes, owner, load, loadn, on)
+            taken += 1
+            continue
+        chain = _best_chain(b, top, on, gid, arrays, sizes, load, loadn)
+        if chain is None:
             break
-        k, r, i = swap
+        k, r, i, dst = chain
+        _apply(i, r, dst, sizes, owner, load, loadn, on)
         _apply(k, b, r, sizes, owner, load, loadn, on)
-        _apply(i, r, b, sizes, owner, load, loadn, on)
         taken += 1
     return taken
 
@@ -374,6 +427,56 @@ def _best_swap(
                         if best is None or cand < best:
                             best = cand
     return None if best is None else (best[1], best[3], best[2])
+
+
+def _lightest(arr: np.ndarray, loadn: np.ndarray, count: int) -> list[int]:
+    """The ``count`` least-loaded ranks of ``arr`` (ties: lowest rank), lightest first."""
+    order = np.lexsort((arr, loadn[arr]))[:count]
+    return arr[order].tolist()
+
+
+def _best_chain(
+    b: int, top: int, on: list[dict[int, None]], gid: dict[int, int], arrays: list[np.ndarray],
+    sizes: Sequence[int], load: list[int], loadn: np.ndarray, partners: int = 8,
+) -> tuple[int, int, int, int] | None:
+    """An ejection chain of two moves: item ``k`` of ``b`` to ``r``, item ``i`` of ``r`` to ``s``.
+
+    All three ranks must end strictly below ``top``. For each holder set of
+    ``b``'s items, ``r`` ranges over its ``partners`` least-loaded ranks, and
+    ``s`` is the least-loaded holder of ``i`` other than ``b`` and ``r``.
+    Returns ``(k, r, i, s)`` leaving the three loads lowest, or ``None``.
+    """
+    mine = on[b]
+    light: dict[int, list[int]] = {}
+    best: tuple[int, int, int, int, int] | None = None
+    by_group: dict[int, list[int]] = {}
+    for k in mine:
+        by_group.setdefault(gid[k], []).append(k)
+    for g, ks in by_group.items():
+        rs = [r for r in _lightest(arrays[g], loadn, partners + 1) if r != b][:partners]
+        for r in rs:
+            lr = load[r]
+            for i in on[r]:
+                q = sizes[i]
+                if q <= 0:
+                    continue
+                gi = gid[i]
+                cand = light.get(gi)
+                if cand is None:
+                    cand = light[gi] = _lightest(arrays[gi], loadn, 3)
+                s = next((x for x in cand if x != r and x != b), -1)
+                if s < 0 or load[s] + q >= top:
+                    continue
+                for k in ks:
+                    p = sizes[k]
+                    if p <= 0 or lr + p < top:  # a plain move would do (and did not help)
+                        continue
+                    if lr + p - q < top:
+                        score = max(top - p, lr + p - q, load[s] + q)
+                        c = (score, k, r, i, s)
+                        if best is None or c < best:
+                            best = c
+    return None if best is None else (best[1], best[2], best[3], best[4])
 
 
 def _holds(hs: Sequence[int], r: int) -> bool:
