@@ -69,6 +69,24 @@ def busiest(loads: Sequence[int]) -> int:
     return max(loads, default=0)
 
 
+def group_ids(holders: Sequence[Sequence[int]]) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Per key, the number of its holder set (first-seen order), and the sets.
+
+    Hashing a holder tuple costs its length; keys sharing one tuple object (as
+    the plan index makes them) are hashed once (a call-local lookup by object,
+    the objects being alive for the whole call).
+    """
+    ids: dict[tuple[int, ...], int] = {}
+    by_obj: dict[int, int] = {}
+    out: list[int] = []
+    for hs in holders:
+        g = by_obj.get(id(hs))
+        if g is None:
+            g = by_obj[id(hs)] = ids.setdefault(tuple(hs), len(ids))
+        out.append(g)
+    return out, list(ids)
+
+
 def greedy(
     world: int,
     holders: Sequence[Sequence[int]],
@@ -76,16 +94,20 @@ def greedy(
     weight: Sequence[int],
     load: list[int],
     owner: list[int],
-    tie: dict[tuple[int, ...], dict[int, int]] | None = None,
+    tie: dict[int, dict[int, int]] | None = None,
+    gid: Sequence[int] | None = None,
 ) -> None:
     """Give each key of ``order`` to its least-loaded holder, by ``weight`` (updates ``load``/``owner``).
 
-    Ties go to the lowest rank, or to the lowest ``tie[group][rank]`` when given.
+    Ties go to the lowest rank, or to the lowest ``tie[gid[k]][rank]`` when given
+    (``gid``: :func:`group_ids`, computed here when ``None``).
     One lazy min-heap per distinct holder set: an entry whose recorded load is
     stale is refreshed when it reaches the top; loads only grow, so a fresh
     top is the true minimum.
     """
-    heaps: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+    if gid is None:
+        gid = group_ids(holders)[0]
+    heaps: dict[int, list[tuple[int, int, int]]] = {}
     replace = heapq.heapreplace
     for k in order:
         hs = holders[k]
@@ -94,7 +116,7 @@ def greedy(
             owner[k] = r
             load[r] += weight[k]
             continue
-        g = tuple(hs)
+        g = gid[k]
         heap = heaps.get(g)
         if heap is None:
             pos = tie[g] if tie is not None else None
@@ -120,20 +142,15 @@ def _loads(fixed: Sequence[int], rep: Sequence[int], owner: Sequence[int], sizes
     return load
 
 
-def _torch_ties(holders: Sequence[Sequence[int]], keys: Sequence[int]) -> dict[tuple[int, ...], dict[int, int]]:
-    """Per holder set, each rank's position in the iteration order of the ``set`` torch builds.
+def _torch_ties(groups: Sequence[tuple[int, ...]]) -> dict[int, dict[int, int]]:
+    """Per holder set (by number), each rank's position in the iteration order of the ``set`` torch builds.
 
     torch adds ranks in ascending order (``set.add`` per plan) and picks
     ``min(set, key=load)``: the first minimum in iteration order. ``set(tuple)``
     inserts in the same order, so the order (a CPython detail) is reproduced
     exactly by the running interpreter.
     """
-    out: dict[tuple[int, ...], dict[int, int]] = {}
-    for k in keys:
-        g = tuple(holders[k])
-        if g not in out:
-            out[g] = {r: i for i, r in enumerate(set(g))}
-    return out
+    return {g: {r: i for i, r in enumerate(set(hs))} for g, hs in enumerate(groups) if len(hs) > 1}
 
 
 def _target_fit(
@@ -144,10 +161,11 @@ def _target_fit(
     load: list[int],
     owner: list[int],
     target: int,
+    gid: Sequence[int],
 ) -> None:
     """Each item to the fullest holder it fits on under ``target`` (best fit), else the least-loaded."""
     loadn = np.asarray(load, dtype=np.int64)
-    arrays: dict[tuple[int, ...], np.ndarray] = {}
+    arrays: dict[int, np.ndarray] = {}
     for k in order:
         hs = holders[k]
         p = sizes[k]
@@ -161,10 +179,10 @@ def _target_fit(
                     low_r, low_l = r, lr
             r = best_r if best_r >= 0 else low_r
         else:
-            g = tuple(hs)
+            g = gid[k]
             arr = arrays.get(g)
             if arr is None:
-                arr = arrays[g] = np.asarray(g, dtype=np.int64)
+                arr = arrays[g] = np.asarray(hs, dtype=np.int64)
             ls = loadn[arr]
             fits = ls + p <= target
             if fits.any():
@@ -209,6 +227,7 @@ def solve(
     if len(single):
         np.add.at(fixed_np, np.asarray(base_owner, dtype=np.int64)[single], np.asarray(sizes, dtype=np.int64)[single])
     fixed: list[int] = fixed_np.tolist()
+    gid, groups = group_ids(holders)
     candidates: dict[str, tuple[list[int], list[int]]] = {}
 
     def add(name: str, owner: list[int]) -> None:
@@ -223,30 +242,31 @@ def solve(
         rep_sizes = np.asarray([sizes[k] for k in rep], dtype=np.int64)
         rep_by_size = [rep[i] for i in np.argsort(-rep_sizes, kind="stable").tolist()]  # ties: first seen
         owner = list(base_owner)
-        greedy(world, holders, rep_by_size, sizes, list(fixed), owner)
+        greedy(world, holders, rep_by_size, sizes, list(fixed), owner, gid=gid)
         add("lpt_fixed", owner)
         fhf = sorted(rep_by_size, key=lambda k: len(holders[k]))  # stable: then largest, then first seen
         owner = list(base_owner)
-        greedy(world, holders, fhf, sizes, list(fixed), owner)
+        greedy(world, holders, fhf, sizes, list(fixed), owner, gid=gid)
         add("fewest_holders", owner)
         if best() > lower_bound:
             by_size = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
             owner = list(base_owner)
-            greedy(world, holders, by_size, sizes, [0] * world, owner)
+            greedy(world, holders, by_size, sizes, [0] * world, owner, gid=gid)
             add("lpt", owner)
         if best() > lower_bound:
             owner = list(base_owner)
-            _target_fit(world, holders, fhf, sizes, list(fixed), owner, lower_bound)
+            _target_fit(world, holders, fhf, sizes, list(fixed), owner, lower_bound, gid)
             add("target", owner)
     steps = max_steps if max_steps is not None else 4 * (world + len(rep))
-    result = _search(candidates, world, holders, sizes, rep, lower_bound, steps)
+    shape = (gid, groups)
+    result = _search(candidates, world, holders, sizes, rep, lower_bound, steps, shape)
     if rep and result.busiest > lower_bound and torch_weights is not None:
         tw = torch_weights() if callable(torch_weights) else torch_weights
         owner = list(base_owner)
-        greedy(world, holders, range(n), tw, [0] * world, owner, _torch_ties(holders, rep))
+        greedy(world, holders, range(n), tw, [0] * world, owner, _torch_ties(groups), gid)
         add("torch", owner)
         if busiest(candidates["torch"][1]) < result.busiest:
-            alt = _search({"torch": candidates["torch"]}, world, holders, sizes, rep, lower_bound, steps)
+            alt = _search({"torch": candidates["torch"]}, world, holders, sizes, rep, lower_bound, steps, shape)
             if alt.busiest < result.busiest:
                 result = alt
     scores = {name: busiest(ld) for name, (_, ld) in candidates.items()}
@@ -264,6 +284,7 @@ def _search(
     rep: Sequence[int],
     lower_bound: int,
     steps: int,
+    shape: tuple[Sequence[int], Sequence[tuple[int, ...]]],
 ) -> Solution:
     """Local search from each of ``candidates`` (best first; ties: :data:`PREFERENCE` order).
 
@@ -278,7 +299,7 @@ def _search(
         load = list(load)
         moves = 0
         if rep and scores[start] > lower_bound:
-            moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, steps)
+            moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, steps, shape)
         top = busiest(load)
         if result is None or top < result.busiest:
             result = Solution(owner=owner, loads=load, busiest=top, start=start, candidates=scores, moves=moves)
@@ -297,20 +318,15 @@ def _improve(
     load: list[int],
     lower_bound: int,
     steps: int,
+    shape: tuple[Sequence[int], Sequence[tuple[int, ...]]],
 ) -> int:
-    """Moves and swaps off the busiest rank while both ranks end strictly below it; returns the steps taken."""
+    """Moves, swaps and two-move chains off the busiest rank while every rank involved ends strictly
+    below it; returns the steps taken. ``shape``: :func:`group_ids` of ``holders``."""
     on: list[dict[int, None]] = [{} for _ in range(world)]
-    gid: dict[int, int] = {}
-    groups: dict[tuple[int, ...], int] = {}
-    arrays: list[np.ndarray] = []
+    gid, groups = shape
+    arrays = [np.asarray(g, dtype=np.int64) for g in groups]
     for k in rep:
         on[owner[k]][k] = None
-        g = tuple(holders[k])
-        i = groups.get(g)
-        if i is None:
-            i = groups[g] = len(arrays)
-            arrays.append(np.asarray(g, dtype=np.int64))
-        gid[k] = i
     loadn = np.asarray(load, dtype=np.int64)
     taken = 0
     while taken < steps:
@@ -364,7 +380,7 @@ def _least_other(arr: np.ndarray, b: int, loadn: np.ndarray) -> tuple[int, int]:
 
 
 def _best_move(
-    b: int, top: int, mine: dict[int, None], gid: dict[int, int], arrays: list[np.ndarray],
+    b: int, top: int, mine: dict[int, None], gid: Sequence[int], arrays: list[np.ndarray],
     sizes: Sequence[int], load: list[int], loadn: np.ndarray,
 ) -> tuple[int, int] | None:
     """The item of ``b`` and its destination that leave the pair lowest, if both end below ``top``."""
@@ -385,7 +401,7 @@ def _best_move(
 
 
 def _best_swap(
-    b: int, top: int, on: list[dict[int, None]], gid: dict[int, int], arrays: list[np.ndarray],
+    b: int, top: int, on: list[dict[int, None]], gid: Sequence[int], arrays: list[np.ndarray],
     holders: Sequence[Sequence[int]], sizes: Sequence[int], load: list[int], loadn: np.ndarray,
     partners: int = 16,
 ) -> tuple[int, int, int] | None:
@@ -436,7 +452,7 @@ def _lightest(arr: np.ndarray, loadn: np.ndarray, count: int) -> list[int]:
 
 
 def _best_chain(
-    b: int, top: int, on: list[dict[int, None]], gid: dict[int, int], arrays: list[np.ndarray],
+    b: int, top: int, on: list[dict[int, None]], gid: Sequence[int], arrays: list[np.ndarray],
     sizes: Sequence[int], load: list[int], loadn: np.ndarray, partners: int = 8,
 ) -> tuple[int, int, int, int] | None:
     """An ejection chain of two moves: item ``k`` of ``b`` to ``r``, item ``i`` of ``r`` to ``s``.
