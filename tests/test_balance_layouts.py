@@ -206,10 +206,14 @@ def test_rank_host_reads_dcplan_host(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from dcplan.save.planner import RankPayload, rank_host
 
+    import dcplan
+
     monkeypatch.setenv("DCPLAN_HOST", "nodeA")
     assert rank_host() == "nodeA"
+    assert dcplan.SavePlanner(report=False).config.host == "nodeA"
     monkeypatch.delenv("DCPLAN_HOST")
     assert rank_host() == socket.gethostname()
+    assert rank_host(dcplan.Config(host="n7")) == "n7"
     assert RankPayload(mapping={}, agreement=()).host is None
 
 

@@ -91,6 +91,10 @@ class Config:
         trust_checkpoint: unpickle non-tensor items and ``.metadata`` with the full
             pickle module. DANGEROUS: a crafted checkpoint can run code.
         trusted_globals: ``"package.module.Class"`` names the safe loaders admit.
+        host: the host name this rank reports with its save plan (default
+            ``socket.gethostname()``); ranks reporting the same host form a node
+            (per-node report, ``size_balanced``'s ``balance = "node"``). Env:
+            ``DCPLAN_HOST`` (tests, containers whose host names differ per rank).
     """
 
     strategy: str = attrs.field(default="size_balanced", validator=_nonempty_str)
@@ -104,6 +108,7 @@ class Config:
     report: bool = attrs.field(default=True, validator=_bool)
     trust_checkpoint: bool = attrs.field(default=False, validator=_bool)
     trusted_globals: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    host: str | None = attrs.field(default=None, validator=_opt_str)
 
     def to_dict(self) -> dict[str, Any]:
         out = attrs.asdict(self)

@@ -48,12 +48,13 @@ class RankPayload:
     host: str | None = None
 
 
-def rank_host() -> str:
-    """This rank's host name: ``DCPLAN_HOST`` when set (tests, containers), else ``socket.gethostname()``."""
-    import os
+def rank_host(config: Config | None = None) -> str:
+    """This rank's host name: the ``host`` config key (env ``DCPLAN_HOST``) when set, else ``socket.gethostname()``."""
     import socket
 
-    return os.environ.get("DCPLAN_HOST") or socket.gethostname()
+    if config is None:
+        config = resolve_config()[0]
+    return config.host or socket.gethostname()
 
 
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
@@ -138,7 +139,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         if self.cache is not None:
             plan, cache_msg = self.cache.local_step(self, plan)
         payload = RankPayload(
-            mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg, digest=digest, host=rank_host()
+            mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg, digest=digest, host=rank_host(self.config)
         )
         self.timings["local"] = time.perf_counter() - t0
         return compat.replace_plan(plan, planner_data=payload)
