@@ -88,17 +88,30 @@ def node_owners(idx: PlanIndex, hosts: Sequence[str | None] | None) -> list[int]
     Nodes are numbered by first appearance in rank order; a rank whose host is
     unknown (``None``) is a node of its own. Step 1 assigns every item to a
     node holding it (the same portfolio + local search, on nodes); step 2
-    assigns it to one of its holders on that node.
+    assigns it to one of its holders on that node. The ``balance = "rank"``
+    plan replaces the result when it is better on nodes (then on ranks).
     """
     node_of = node_ids(idx.world_size, hosts)
     nodes = max(node_of, default=-1) + 1
+    if nodes == idx.world_size:  # one rank per node (or hosts unknown): plain rank balance
+        return balanced_owners(idx)
     nb = idx.nbytes
     node_holders = [tuple(sorted({node_of[r] for r in hs})) for hs in idx.holders]
     lb = _bound(nodes, node_holders, nb)[0]
     step1 = solve(nodes, node_holders, nb, lower_bound=lb).owner
     within = [tuple(r for r in hs if node_of[r] == n) for hs, n in zip(idx.holders, step1)]
     lb = _bound(idx.world_size, within, nb)[0]
-    return solve(idx.world_size, within, nb, lower_bound=lb).owner
+    by_node = solve(idx.world_size, within, nb, lower_bound=lb)
+    # the rank-balanced plan is a candidate too: node mode is never worse than it on nodes
+    by_rank = balanced_solution(idx)
+
+    def score(sol: Solution) -> tuple[int, int]:
+        per_node = [0] * nodes
+        for r, b in enumerate(sol.loads):
+            per_node[node_of[r]] += b
+        return max(per_node), sol.busiest
+
+    return by_node.owner if score(by_node) <= score(by_rank) else by_rank.owner
 
 
 def node_ids(world: int, hosts: Sequence[str | None] | None) -> list[int]:
