@@ -28,8 +28,8 @@ move one of its items to another holder, or swap one of its items with a
 smaller item of another rank, choosing the exchange that leaves both ranks
 lowest, provided both end strictly below ``b``'s load. Each step lowers the
 pair (busiest load, number of ranks at it), so it ends; it also stops at the
-lower bound (optimal) or after an iteration budget. No wall-clock limit: the
-result depends only on the input.
+lower bound (optimal) or after a step budget shared by all starts (at most
+:data:`MAX_STEPS`). No wall-clock limit: the result depends only on the input.
 
 Because the portfolio contains torch's greedy and LPT computed exactly as
 they would be, and the local search never raises the busiest load, the result
@@ -48,6 +48,9 @@ import attrs
 import numpy as np
 
 __all__ = ["Solution", "solve", "greedy", "busiest", "PREFERENCE"]
+
+#: the most local-search steps of one call (a step costs O(ranks + items of the busiest rank))
+MAX_STEPS = 20_000
 
 #: portfolio entries, in the order that breaks ties between equally good ones
 PREFERENCE = ("fixed", "fewest_holders", "lpt_fixed", "lpt", "target", "torch")
@@ -94,19 +97,24 @@ def greedy(
     weight: Sequence[int],
     load: list[int],
     owner: list[int],
-    tie: dict[int, dict[int, int]] | None = None,
+    torch_ties: bool = False,
     gid: Sequence[int] | None = None,
 ) -> None:
     """Give each key of ``order`` to its least-loaded holder, by ``weight`` (updates ``load``/``owner``).
 
-    Ties go to the lowest rank, or to the lowest ``tie[gid[k]][rank]`` when given
-    (``gid``: :func:`group_ids`, computed here when ``None``).
-    One lazy min-heap per distinct holder set: an entry whose recorded load is
-    stale is refreshed when it reaches the top; loads only grow, so a fresh
-    top is the true minimum.
+    Ties go to the lowest rank, or with ``torch_ties`` to the first in the
+    iteration order of the ``set`` torch builds (ranks added in ascending
+    order; ``set(tuple)`` inserts in the same order, so the running
+    interpreter reproduces torch's ``min(set, key=load)`` exactly).
+    ``gid``: :func:`group_ids` of ``holders`` (computed here when ``None``).
+    A holder set used once is scanned; the others get one lazy min-heap each:
+    an entry whose recorded load is stale is refreshed when it reaches the top;
+    loads only grow, so a fresh top is the true minimum.
     """
     if gid is None:
         gid = group_ids(holders)[0]
+    uses = np.bincount(np.asarray(gid, dtype=np.int64)).tolist() if len(gid) else []
+    at = load.__getitem__
     heaps: dict[int, list[tuple[int, int, int]]] = {}
     replace = heapq.heapreplace
     for k in order:
@@ -117,10 +125,17 @@ def greedy(
             load[r] += weight[k]
             continue
         g = gid[k]
+        if uses[g] == 1:
+            r = min(set(hs) if torch_ties else hs, key=at)  # first minimum: torch's, or the lowest rank
+            owner[k] = r
+            load[r] += weight[k]
+            continue
         heap = heaps.get(g)
         if heap is None:
-            pos = tie[g] if tie is not None else None
-            heap = [(load[r], pos[r] if pos is not None else r, r) for r in hs]
+            if torch_ties:
+                heap = [(load[r], i, r) for i, r in enumerate(set(hs))]
+            else:
+                heap = [(load[r], r, r) for r in hs]
             heapq.heapify(heap)
             heaps[g] = heap
         while True:
@@ -140,17 +155,6 @@ def _loads(fixed: Sequence[int], rep: Sequence[int], owner: Sequence[int], sizes
     for k in rep:
         load[owner[k]] += sizes[k]
     return load
-
-
-def _torch_ties(groups: Sequence[tuple[int, ...]]) -> dict[int, dict[int, int]]:
-    """Per holder set (by number), each rank's position in the iteration order of the ``set`` torch builds.
-
-    torch adds ranks in ascending order (``set.add`` per plan) and picks
-    ``min(set, key=load)``: the first minimum in iteration order. ``set(tuple)``
-    inserts in the same order, so the order (a CPython detail) is reproduced
-    exactly by the running interpreter.
-    """
-    return {g: {r: i for i, r in enumerate(set(hs))} for g, hs in enumerate(groups) if len(hs) > 1}
 
 
 def _target_fit(
@@ -216,7 +220,8 @@ def solve(
     :param torch_weights: torch's weight per item, or a function returning them
         (called only when needed); when given, torch's greedy (items in index
         order) is part of the portfolio.
-    :param max_steps: local-search steps per start (default ``4 * (world + replicated items)``).
+    :param max_steps: local-search steps, all starts together (default
+        ``4 * (world + replicated items)``, at most :data:`MAX_STEPS`).
     """
     n = len(holders)
     lens = np.fromiter(map(len, holders), dtype=np.int64, count=n)
@@ -257,13 +262,13 @@ def solve(
             owner = list(base_owner)
             _target_fit(world, holders, fhf, sizes, list(fixed), owner, lower_bound, gid)
             add("target", owner)
-    steps = max_steps if max_steps is not None else 4 * (world + len(rep))
+    steps = max_steps if max_steps is not None else min(4 * (world + len(rep)), MAX_STEPS)
     shape = (gid, groups)
     result = _search(candidates, world, holders, sizes, rep, lower_bound, steps, shape)
     if rep and result.busiest > lower_bound and torch_weights is not None:
         tw = torch_weights() if callable(torch_weights) else torch_weights
         owner = list(base_owner)
-        greedy(world, holders, range(n), tw, [0] * world, owner, _torch_ties(groups), gid)
+        greedy(world, holders, range(n), tw, [0] * world, owner, True, gid)
         add("torch", owner)
         if busiest(candidates["torch"][1]) < result.busiest:
             alt = _search({"torch": candidates["torch"]}, world, holders, sizes, rep, lower_bound, steps, shape)
@@ -289,17 +294,20 @@ def _search(
     """Local search from each of ``candidates`` (best first; ties: :data:`PREFERENCE` order).
 
     The first result that reaches ``lower_bound`` ends it; a later start
-    replaces the result only when strictly better.
+    replaces the result only when strictly better. ``steps`` is shared by all
+    starts.
     """
     scores = {name: busiest(ld) for name, (_, ld) in candidates.items()}
     result: Solution | None = None
+    left = steps
     for start in sorted(candidates, key=lambda name: (scores[name], PREFERENCE.index(name))):
         owner, load = candidates[start]
         owner = list(owner)
         load = list(load)
         moves = 0
-        if rep and scores[start] > lower_bound:
-            moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, steps, shape)
+        if rep and scores[start] > lower_bound and left > 0:
+            moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, left, shape)
+            left -= moves
         top = busiest(load)
         if result is None or top < result.busiest:
             result = Solution(owner=owner, loads=load, busiest=top, start=start, candidates=scores, moves=moves)
