@@ -28,8 +28,10 @@ move one of its items to another holder, or swap one of its items with a
 smaller item of another rank, choosing the exchange that leaves both ranks
 lowest, provided both end strictly below ``b``'s load. Each step lowers the
 pair (busiest load, number of ranks at it), so it ends; it also stops at the
-lower bound (optimal) or after a step budget shared by all starts (at most
-:data:`MAX_STEPS`). No wall-clock limit: the result depends only on the input.
+lower bound (optimal) or when its budget is spent: at most :data:`MAX_STEPS`
+steps and ``WORK_PER_ITEM x (ranks + replicated items) + MIN_WORK`` items
+examined, shared by all starts (so the search stays linear in the plan). No
+wall-clock limit: the result depends only on the input.
 
 Because the portfolio contains torch's greedy and LPT computed exactly as
 they would be, and the local search never raises the busiest load, the result
@@ -51,6 +53,9 @@ __all__ = ["Solution", "solve", "greedy", "busiest", "PREFERENCE"]
 
 #: the most local-search steps of one call (a step costs O(ranks + items of the busiest rank))
 MAX_STEPS = 20_000
+#: local-search work (items examined) per search: WORK_PER_ITEM x (ranks + replicated items) + MIN_WORK
+WORK_PER_ITEM = 30
+MIN_WORK = 200_000
 
 #: portfolio entries, in the order that breaks ties between equally good ones
 PREFERENCE = ("fixed", "fewest_holders", "lpt_fixed", "lpt", "target", "torch")
@@ -300,13 +305,14 @@ def _search(
     scores = {name: busiest(ld) for name, (_, ld) in candidates.items()}
     result: Solution | None = None
     left = steps
+    work = [WORK_PER_ITEM * (world + len(rep)) + MIN_WORK]
     for start in sorted(candidates, key=lambda name: (scores[name], PREFERENCE.index(name))):
         owner, load = candidates[start]
         owner = list(owner)
         load = list(load)
         moves = 0
         if rep and scores[start] > lower_bound and left > 0:
-            moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, left, shape)
+            moves = _improve(world, holders, sizes, rep, owner, load, lower_bound, left, shape, work)
             left -= moves
         top = busiest(load)
         if result is None or top < result.busiest:
@@ -327,9 +333,11 @@ def _improve(
     lower_bound: int,
     steps: int,
     shape: tuple[Sequence[int], Sequence[tuple[int, ...]]],
+    work: list[int],
 ) -> int:
     """Moves, swaps and two-move chains off the busiest rank while every rank involved ends strictly
-    below it; returns the steps taken. ``shape``: :func:`group_ids` of ``holders``."""
+    below it; returns the steps taken. ``shape``: :func:`group_ids` of ``holders``; ``work``: the
+    remaining work units (items examined), shared by all starts and decremented here."""
     on: list[dict[int, None]] = [{} for _ in range(world)]
     gid, groups = shape
     arrays = [np.asarray(g, dtype=np.int64) for g in groups]
@@ -337,25 +345,28 @@ def _improve(
         on[owner[k]][k] = None
     loadn = np.asarray(load, dtype=np.int64)
     taken = 0
-    while taken < steps:
+    while taken < steps and work[0] > 0:
         b = int(np.argmax(loadn))  # first maximum: the lowest busiest rank
         top = load[b]
         if top <= lower_bound or not on[b]:
             break
-        move = _best_move(b, top, on[b], gid, arrays, sizes, load, loadn)
+        work[0] -= len(on[b]) + 1
+        move = _best_move(b, top, on[b], gid, arrays, sizes, load, loadn, work)
         if move is not None:
             k, r = move
             _apply(k, b, r, sizes, owner, load, loadn, on)
             taken += 1
             continue
-        swap = _best_swap(b, top, on, gid, arrays, holders, sizes, load, loadn)
+        swap = _best_swap(b, top, on, gid, arrays, holders, sizes, load, loadn, work)
         if swap is not None:
             k, r, i = swap
             _apply(k, b, r, sizes, owner, load, loadn, on)
             _apply(i, r, b, sizes, owner, load, loadn, on)
             taken += 1
             continue
-        chain = _best_chain(b, top, on, gid, arrays, sizes, load, loadn)
+        if work[0] <= 0:
+            break
+        chain = _best_chain(b, top, on, gid, arrays, sizes, load, loadn, work)
         if chain is None:
             break
         k, r, i, dst = chain
@@ -389,29 +400,32 @@ def _least_other(arr: np.ndarray, b: int, loadn: np.ndarray) -> tuple[int, int]:
 
 def _best_move(
     b: int, top: int, mine: dict[int, None], gid: Sequence[int], arrays: list[np.ndarray],
-    sizes: Sequence[int], load: list[int], loadn: np.ndarray,
+    sizes: Sequence[int], load: list[int], loadn: np.ndarray, work: list[int],
 ) -> tuple[int, int] | None:
     """The item of ``b`` and its destination that leave the pair lowest, if both end below ``top``."""
     least: dict[int, tuple[int, int]] = {}
     best: tuple[int, int, int] | None = None
+    n_groups = 0
     for k in mine:
         g = gid[k]
         m = least.get(g)
         if m is None:
             m = least[g] = _least_other(arrays[g], b, loadn)
+            n_groups += 1
         lr, r = m
         p = sizes[k]
         if p > 0 and lr + p < top:
             score = max(top - p, lr + p)
             if best is None or (score, k) < (best[0], best[1]):
                 best = (score, k, r)
+    work[0] -= 10 * n_groups  # a numpy pass per holder set
     return None if best is None else (best[1], best[2])
 
 
 def _best_swap(
     b: int, top: int, on: list[dict[int, None]], gid: Sequence[int], arrays: list[np.ndarray],
     holders: Sequence[Sequence[int]], sizes: Sequence[int], load: list[int], loadn: np.ndarray,
-    partners: int = 16,
+    work: list[int], partners: int = 16,
 ) -> tuple[int, int, int] | None:
     """A swap of an item of ``b`` with a smaller one of another rank ``r``, both ending below ``top``.
 
@@ -421,6 +435,7 @@ def _best_swap(
     """
     mine = on[b]
     gs = sorted({gid[k] for k in mine})
+    work[0] -= 10 * len(gs) + 50
     ranks = np.unique(np.concatenate([arrays[g] for g in gs]))
     ranks = ranks[ranks != b]
     if not len(ranks):
@@ -431,6 +446,7 @@ def _best_swap(
         gap = top - load[r]
         if gap <= 1:
             continue
+        work[0] -= len(mine) + len(on[r])
         outs = [k for k in mine if _holds(holders[k], r)]
         ins = sorted((sizes[i], i) for i in on[r] if _holds(holders[i], b))
         if not outs or not ins:
@@ -461,7 +477,7 @@ def _lightest(arr: np.ndarray, loadn: np.ndarray, count: int) -> list[int]:
 
 def _best_chain(
     b: int, top: int, on: list[dict[int, None]], gid: Sequence[int], arrays: list[np.ndarray],
-    sizes: Sequence[int], load: list[int], loadn: np.ndarray, partners: int = 8,
+    sizes: Sequence[int], load: list[int], loadn: np.ndarray, work: list[int], partners: int = 8,
 ) -> tuple[int, int, int, int] | None:
     """An ejection chain of two moves: item ``k`` of ``b`` to ``r``, item ``i`` of ``r`` to ``s``.
 
@@ -469,6 +485,7 @@ def _best_chain(
     ``b``'s items, ``r`` ranges over its ``partners`` least-loaded ranks, and
     ``s`` is the least-loaded holder of ``i`` other than ``b`` and ``r``.
     Returns ``(k, r, i, s)`` leaving the three loads lowest, or ``None``.
+    Stops early (with the best chain so far) when ``work`` runs out.
     """
     mine = on[b]
     light: dict[int, list[int]] = {}
@@ -479,7 +496,10 @@ def _best_chain(
     for g, ks in by_group.items():
         rs = [r for r in _lightest(arrays[g], loadn, partners + 1) if r != b][:partners]
         for r in rs:
+            if work[0] <= 0:
+                break
             lr = load[r]
+            work[0] -= len(on[r]) * (len(ks) + 1)
             for i in on[r]:
                 q = sizes[i]
                 if q <= 0:
@@ -487,6 +507,7 @@ def _best_chain(
                 gi = gid[i]
                 cand = light.get(gi)
                 if cand is None:
+                    work[0] -= 20  # a numpy sort of the holder set
                     cand = light[gi] = _lightest(arrays[gi], loadn, 3)
                 s = next((x for x in cand if x != r and x != b), -1)
                 if s < 0 or load[s] + q >= top:
