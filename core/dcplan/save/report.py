@@ -34,6 +34,10 @@ from dcplan.save.index import PlanIndex, index_plans, nbytes_list
 log = logging.getLogger("dcplan")
 
 
+#: element comparisons the bound spends on subset tests between replica groups
+_SUBSET_BUDGET = 4_000_000
+
+
 def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[int]) -> tuple[int, str, int]:
     """The whole-item lower bound, which term set it, and the divisible bound (no per-item terms)."""
     fixed = [0] * world_size
@@ -69,12 +73,20 @@ def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[in
             containing.setdefault(r, []).append(gi)
     sets = [frozenset(g) for g in groups]
     inside = [0] * len(groups)
+    # Subset tests cost up to |g| each; many distinct overlapping groups (not a real layout) would make
+    # this quadratic, so past a budget only equal holder sets count: a weaker bound, still valid.
+    budget = _SUBSET_BUDGET
     for gi, g in enumerate(groups):
         b = group_bytes[g]
+        inside[gi] += b
+        if budget <= 0:
+            continue
         s = sets[gi]
         for ki in containing[g[0]]:
-            if ki == gi or (len(groups[ki]) > len(g) and s <= sets[ki]):
-                inside[ki] += b
+            if ki != gi and len(groups[ki]) > len(g):
+                budget -= len(g)
+                if s <= sets[ki]:
+                    inside[ki] += b
     for gi, g in enumerate(groups):
         total = sum(fixed[i] for i in g) + inside[gi]
         t = -(-total // len(g))
