@@ -204,9 +204,8 @@ def test_bad_balance_option_names_the_choices() -> None:
 def test_rank_host_reads_dcplan_host(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from dcplan.save.planner import RankPayload, rank_host
-
     import dcplan
+    from dcplan.save.planner import RankPayload, rank_host
 
     monkeypatch.setenv("DCPLAN_HOST", "nodeA")
     assert rank_host() == "nodeA"
