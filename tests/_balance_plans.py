@@ -114,4 +114,12 @@ def plan_digest() -> str:
             ("lowest_rank", {}),
         ]:
             h.update(repr(snapshot(dcplan.dedup(plans, name, **opts))).encode())
+    # generated layouts exercise every portfolio entry, the local search and node balance
+    from dcplan.save.index import PlanIndex
+    from dcplan_size_balanced import size_balanced
+
+    for wl in workloads.random_layouts(12, seed=5, max_world=12):
+        idx = PlanIndex(wl.plans, hosts=[f"h{r // 3}" for r in range(wl.world_size)])
+        h.update(repr(snapshot(size_balanced(wl.plans, index=idx))).encode())
+        h.update(repr(snapshot(size_balanced(wl.plans, balance="node", index=idx))).encode())
     return h.hexdigest()

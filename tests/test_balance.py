@@ -120,7 +120,7 @@ def test_default_mode_is_balanced_and_torch_mode_by_config() -> None:
     strat = dcplan.get_plugin_manager().get_strategy("size_balanced")
     assert strat.options["mode"] == "balanced"
     planner = dcplan.SavePlanner(strategy="size_balanced", strategy_options={"mode": "torch"})
-    assert planner.strategy_options == {"mode": "torch"}
+    assert planner.strategy_options == {"mode": "torch", "balance": "rank"}
 
 
 @settings(max_examples=60, deadline=None)

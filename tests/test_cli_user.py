@@ -46,7 +46,7 @@ def test_typo_in_strategy_is_an_error_with_a_suggestion(tmp_path):
 def test_unknown_strategy_option_is_an_error(tmp_path):
     proc = _run("config", cwd=tmp_path, DCPLAN_STRATEGY_OPTIONS="begin=2")
     assert proc.returncode == 2
-    assert "no option(s) 'begin'" in proc.stderr and "valid options: mode" in proc.stderr
+    assert "no option(s) 'begin'" in proc.stderr and "valid options: balance, mode" in proc.stderr
     proc = _run("config", cwd=tmp_path, DCPLAN_STRATEGY_OPTIONS="mod=torch")
     assert proc.returncode == 2 and "did you mean 'mode'?" in proc.stderr
 
@@ -204,7 +204,7 @@ def test_plugins_lists_failed_disabled_and_options(tmp_path, site):
            "RuntimeError: registry exploded" in out
     assert "Traceback" not in out and "--traceback" in out
     assert "DISABLED dcplan-split 0.1.0 (split): disabled by DCPLAN_DISABLE_PLUGINS" in out
-    assert 'options: mode = "balanced"' in out and "options: save_to_lowest_rank = false" in out
+    assert 'options: balance = "rank", mode = "balanced"' in out and "options: save_to_lowest_rank = false" in out
     assert "commands: convert" in out
     proc = _run("plugins", "--traceback", cwd=tmp_path, **env)
     assert "Traceback" in proc.stdout and "fake_raising.py" in proc.stdout
@@ -212,7 +212,7 @@ def test_plugins_lists_failed_disabled_and_options(tmp_path, site):
     assert data["failed"][0]["hook"] == "dcplan_register_strategies"
     assert data["skipped"][0]["reason"] == "disabled by DCPLAN_DISABLE_PLUGINS"
     assert data["strategies"]["split"] if "split" in data["strategies"] else True
-    assert data["strategies"]["size_balanced"]["options"] == {"mode": "balanced"}
+    assert data["strategies"]["size_balanced"]["options"] == {"balance": "rank", "mode": "balanced"}
     assert data["commands"]["convert"] == "dcplan-empty-load"
 
 

@@ -122,6 +122,10 @@ class Config:
             (``default``: every rank reads what it needs; ``cooperative`` from
             ``dcplan-coop-load``: each shared byte is read once). Env: ``DCPLAN_LOAD_STRATEGY``.
         load_strategy_options: options for that load strategy (a TOML table / JSON object).
+        host: the host name this rank reports with its save plan (default
+            ``socket.gethostname()``); ranks reporting the same host form a node
+            (per-node report, ``size_balanced``'s ``balance = "node"``). Env:
+            ``DCPLAN_HOST`` (tests, containers whose host names differ per rank).
     """
 
     strategy: str = attrs.field(default="size_balanced", validator=_nonempty_str)
@@ -138,6 +142,7 @@ class Config:
     trusted_globals: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     load_strategy: str = attrs.field(default="default", validator=_nonempty_str)
     load_strategy_options: dict[str, Any] = attrs.field(factory=dict, converter=_options)
+    host: str | None = attrs.field(default=None, validator=_opt_str)
 
     def to_dict(self) -> dict[str, Any]:
         out = attrs.asdict(self)

@@ -24,11 +24,16 @@ __all__ = ["register", "run_plan", "strategy_runs"]
 
 def strategy_runs(
     names: Sequence[str] | None = None,
+    index: Any = None,
 ) -> list[tuple[str, Callable[[Sequence[Any]], list[Any]]]]:
     """``(row name, dedup function)`` for torch's two modes and every (or the named) registered strategy.
 
-    ``size_balanced`` also gets a ``size_balanced[mode=torch]`` row.
+    ``size_balanced`` also gets a ``size_balanced[mode=torch]`` row, and with an
+    ``index`` that knows hosts, a ``size_balanced[balance=node]`` row. Strategy
+    functions that accept ``index=`` get ``index``.
     """
+    import inspect
+
     from dcplan import compat
     from dcplan.manager import get_plugin_manager
 
@@ -41,7 +46,11 @@ def strategy_runs(
         return compat.torch_dedup_save_plans(plans, save_to_lowest_rank=True)
 
     def registered(strat: Any, **options: Any) -> Callable[[Sequence[Any]], list[Any]]:
+        takes_index = index is not None and "index" in inspect.signature(strat.func).parameters
+
         def run(plans: Sequence[Any]) -> list[Any]:
+            if takes_index:
+                return list(strat.func(plans, index=index, **strat.resolve_options(options)))
             return list(strat(plans, **options))
 
         return run
@@ -55,6 +64,8 @@ def strategy_runs(
         runs.append((name, registered(strat)))
         if name == "size_balanced" and strat.options.get("mode") == "balanced":
             runs.append((f"{name}[mode=torch]", registered(strat, mode="torch")))
+            if index is not None and getattr(index, "hosts", None) is not None:
+                runs.append((f"{name}[balance=node]", registered(strat, balance="node")))
     return runs
 
 
@@ -66,11 +77,15 @@ def run_plan(
     adam: bool = True,
     strategies: Sequence[str] | None = None,
     progress: Any = None,
+    ranks_per_node: int | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, float], dict[str, str]]:
     """Build the workload and report every strategy on it.
 
     :param progress: ``progress(iterable, desc, total=...)`` wrapping the strategy runs
         (:func:`dcplan.cli.progress.progress`), or ``None``.
+    :param ranks_per_node: consecutive ranks share a host (node ``r // N``): the
+        reports add bytes per node, and ``size_balanced[balance=node]`` runs.
+
     :returns: ``(workload, reports by row name, seconds by row name, errors by row name)``.
     """
     from dcplan import workloads
@@ -78,11 +93,12 @@ def run_plan(
     from dcplan.save.report import build_report
 
     wl = workloads.make(layout, model, ranks, adam=adam)
-    idx = index_plans(wl.plans)
+    hosts = [f"node{r // ranks_per_node}" for r in range(wl.world_size)] if ranks_per_node else None
+    idx = index_plans(wl.plans, hosts=hosts)
     reports: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     errors: dict[str, str] = {}
-    runs = strategy_runs(strategies)
+    runs = strategy_runs(strategies, index=idx if hosts else None)
     for name, fn in progress(runs, "strategies", total=len(runs), unit="strategy") if progress else runs:
         t0 = time.perf_counter()
         try:
@@ -134,7 +150,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
         kind, _ = workloads.parse(args.layout)
     except ValueError as exc:
         return str(exc)
-    if kind != "tp_pp_dp" and args.ranks is None:
+    if kind in ("ddp", "fsdp", "hsdp") and args.ranks is None:
         return f"layout {args.layout!r} needs --ranks N (e.g. --ranks 64)"
     if args.model.lower() not in workloads.MODELS:
         return f"unknown --model {args.model!r}; choose one of: {', '.join(workloads.MODELS)}"
@@ -170,6 +186,12 @@ def _print_text(args: argparse.Namespace, wl: Any, reports: dict[str, Any], erro
     )
     print()
     print(compare_table(reports))
+    if args.ranks_per_node:
+        print()
+        print(f"{'strategy':<28} {'busiest node':>13} {'bytes':>11} {'node bound':>11} {'ratio':>7}")
+        for name, r in reports.items():
+            print(f"{name:<28} {r.node_names[r.busiest_node]:>13} {fmt_bytes(r.busiest_node_bytes):>11} "
+                  f"{fmt_bytes(r.node_lower_bound):>11} {r.node_ratio:>7.3f}")
     for name, err in errors.items():
         print(f"{name:<28} error: {err}")
     print()
@@ -190,7 +212,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     only = args.only if args.only is None or shown in args.only else [*args.only, shown]
     try:
         wl, reports, seconds, errors = run_plan(
-            args.layout, args.model.lower(), args.ranks, adam=not args.no_adam, strategies=only, progress=progress
+            args.layout, args.model.lower(), args.ranks, adam=not args.no_adam, strategies=only, progress=progress,
+            ranks_per_node=args.ranks_per_node,
         )
     except ValueError as exc:
         return usage_error(args, str(exc))
@@ -235,6 +258,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--strategy", default=None, help="strategy whose per-rank bytes are shown (default: config's)")
     p.add_argument("--only", action="append", default=None, metavar="NAME",
                    help="run only this registered strategy (repeatable; torch's two modes always run)")
+    p.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
+                   help="ranks r..r+N-1 share a node: adds bytes per node and size_balanced[balance=node]")
     p.add_argument("--max-rows", type=int, default=32, help="per-rank rows shown (busiest and idlest beyond it)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of bytes per rank (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -71,13 +71,21 @@ class PlanIndex:
         length and the same first, middle and last keys) are indexed once: a
         DDP or HSDP save then costs the coordinator one pass over the distinct
         plans instead of over every entry. ``None`` entries are indexed alone.
+    :param hosts: optional, one per rank: the host name the rank runs on
+        (:attr:`dcplan.save.planner.RankPayload.host`); ranks sharing a host form
+        a node (per-node report, ``balance = "node"``). Kept as ``hosts``.
     """
 
     __slots__ = (
-        "world_size", "keys", "first", "holders", "ids", "lookup", "_nbytes", "_members", "_flat", "_bounds"
+        "world_size", "keys", "first", "holders", "ids", "lookup", "hosts", "_nbytes", "_members", "_flat", "_bounds"
     )
 
-    def __init__(self, all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> None:
+    def __init__(
+        self,
+        all_plans: Sequence[SavePlan],
+        digests: Sequence[Any] | None = None,
+        hosts: Sequence[str | None] | None = None,
+    ) -> None:
         # Keys are (fqn, offset) tuples: the same equality as MetadataIndex (which ignores
         # the index hint) but built and hashed in C. Entries whose key is already known
         # (every replica after the first) never run Python bytecode: the key lookup is a
@@ -129,6 +137,7 @@ class PlanIndex:
             rep_of.append(rank)
         self.world_size = len(all_plans)
         self.lookup = lookup
+        self.hosts: tuple[str | None, ...] | None = tuple(hosts) if hosts is not None else None
         self.keys = keys
         self.first = first
         self.ids = all_ids
@@ -259,7 +268,11 @@ def _holders(
     return out, flat, bounds
 
 
-def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = None) -> PlanIndex:
+def index_plans(
+    all_plans: Sequence[SavePlan],
+    digests: Sequence[Any] | None = None,
+    hosts: Sequence[str | None] | None = None,
+) -> PlanIndex:
     """Build a :class:`PlanIndex` of ``all_plans`` (one dict lookup per entry of each distinct plan).
 
     Nothing is remembered: :class:`dcplan.SavePlanner` builds the index once per
@@ -267,8 +280,9 @@ def index_plans(all_plans: Sequence[SavePlan], digests: Sequence[Any] | None = N
     only where no index was handed to you.
 
     :param digests: per rank, a digest of its plan's keys or ``None`` (see :class:`PlanIndex`).
+    :param hosts: per rank, its host name or ``None`` (see :class:`PlanIndex`).
     """
-    return PlanIndex(list(all_plans), digests)
+    return PlanIndex(list(all_plans), digests, hosts)
 
 
 def holders_and_sizes(

@@ -41,7 +41,8 @@ class RankPayload:
     share (strategy, options, plugins); ``cache`` is the plan cache's message;
     ``digest`` is :func:`dcplan.save.local.plan_digest` of the rank's full local
     plan, so the coordinator indexes identical plans once; ``failure`` is the
-    error this rank's planner carries instead of a plan.
+    error this rank's planner carries instead of a plan; ``host`` is the
+    rank's host name (:func:`rank_host`): ranks sharing a host form a node.
     """
 
     mapping: Any
@@ -50,6 +51,16 @@ class RankPayload:
     digest: bytes | None = None
     #: ``"ErrorType: message (in step)"`` when this rank's planner failed (see :mod:`dcplan.failures`)
     failure: str | None = None
+    host: str | None = None
+
+
+def rank_host(config: Config | None = None) -> str:
+    """This rank's host name: the ``host`` config key (env ``DCPLAN_HOST``) when set, else ``socket.gethostname()``."""
+    import socket
+
+    if config is None:
+        config = resolve_config()[0]
+    return config.host or socket.gethostname()
 
 
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
@@ -207,7 +218,9 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         cache_msg = None
         if self.cache is not None:
             plan, cache_msg = self.cache.local_step(self, plan)
-        payload = RankPayload(mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg, digest=digest)
+        payload = RankPayload(
+            mapping=plan.planner_data, agreement=self.agreement(), cache=cache_msg, digest=digest, host=rank_host(self.config)
+        )
         self.timings["local"] = time.perf_counter() - t0
         return compat.replace_plan(plan, planner_data=payload)
 
@@ -264,7 +277,9 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             local_plans = [
                 compat.replace_plan(p, planner_data=pl.mapping) for p, pl in zip(all_plans, payloads)
             ]
-        global_plan, metadata = self.plan_global(local_plans, digests=[pl.digest for pl in payloads])
+        global_plan, metadata = self.plan_global(
+            local_plans, digests=[pl.digest for pl in payloads], hosts=[getattr(pl, "host", None) for pl in payloads]
+        )
         if self.cache is not None:
             delta = self.cache.commit_global(self, local_plans, global_plan, metadata, self.report)
         else:
@@ -287,7 +302,10 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
         self.hook.dcplan_plan_report(report=report, config=self.config)
 
     def plan_global(
-        self, local_plans: list[SavePlan], digests: list[bytes | None] | None = None
+        self,
+        local_plans: list[SavePlan],
+        digests: list[bytes | None] | None = None,
+        hosts: list[str | None] | None = None,
     ) -> tuple[list[SavePlan], Any]:
         """Dedup, metadata, validation and report on full local plans (no caching).
 
@@ -296,12 +314,14 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
 
         :param digests: per rank, :func:`dcplan.save.local.plan_digest` of its plan
             (or ``None``): ranks with equal digests are indexed once.
+        :param hosts: per rank, its host name (or ``None``): nodes for the report
+            and for ``balance = "node"``.
         """
         from dcplan.gcpause import paused_gc
         from dcplan.save.index import index_plans
 
         with paused_gc():
-            index = index_plans(local_plans, digests)  # built once, passed to the strategy and the report
+            index = index_plans(local_plans, digests, hosts)  # built once, passed to the strategy and the report
             return self._plan_global(local_plans, index)
 
     def _plan_global(self, local_plans: list[SavePlan], index: Any) -> tuple[list[SavePlan], Any]:

@@ -34,6 +34,10 @@ from dcplan.save.index import PlanIndex, index_plans, nbytes_list
 log = logging.getLogger("dcplan")
 
 
+#: element comparisons the bound spends on subset tests between replica groups
+_SUBSET_BUDGET = 4_000_000
+
+
 def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[int]) -> tuple[int, str, int]:
     """The whole-item lower bound, which term set it, and the divisible bound (no per-item terms)."""
     fixed = [0] * world_size
@@ -69,12 +73,20 @@ def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[in
             containing.setdefault(r, []).append(gi)
     sets = [frozenset(g) for g in groups]
     inside = [0] * len(groups)
+    # Subset tests cost up to |g| each; many distinct overlapping groups (not a real layout) would make
+    # this quadratic, so past a budget only equal holder sets count: a weaker bound, still valid.
+    budget = _SUBSET_BUDGET
     for gi, g in enumerate(groups):
         b = group_bytes[g]
+        inside[gi] += b
+        if budget <= 0:
+            continue
         s = sets[gi]
         for ki in containing[g[0]]:
-            if ki == gi or (len(groups[ki]) > len(g) and s <= sets[ki]):
-                inside[ki] += b
+            if ki != gi and len(groups[ki]) > len(g):
+                budget -= len(g)
+                if s <= sets[ki]:
+                    inside[ki] += b
     for gi, g in enumerate(groups):
         total = sum(fixed[i] for i in g) + inside[gi]
         t = -(-total // len(g))
@@ -116,6 +128,18 @@ class PlanReport:
     bound_reason: str = ""
     #: the bound when items may be split (``split`` can go below ``lower_bound``, never below this)
     divisible_bound: int = 0
+    #: nodes (ranks sharing a host), in order of their first rank; empty when hosts are unknown
+    node_names: tuple[str, ...] = ()
+    bytes_per_node: tuple[int, ...] = ()
+    busiest_node: int = -1
+    busiest_node_bytes: int = 0
+    #: the whole-item lower bound on the busiest node's bytes (same formula, nodes as machines)
+    node_lower_bound: int = 0
+
+    @property
+    def node_ratio(self) -> float:
+        """Busiest node / its lower bound (1.0 when hosts are unknown)."""
+        return self.busiest_node_bytes / self.node_lower_bound if self.node_lower_bound else 1.0
 
     @property
     def divisible_ratio(self) -> float:
@@ -154,6 +178,24 @@ class PlanReport:
             f"busiest rank {self.busiest_rank}: {fmt_bytes(self.busiest_bytes)}; lower bound "
             f"{fmt_bytes(self.lower_bound)} ({self.bound_reason or 'n/a'}); ratio {self.ratio:.3f}"
         )
+        if self.node_names:
+            lines.append(self.node_table(max_rows))
+        return "\n".join(lines)
+
+    def node_table(self, max_rows: int = 32) -> str:
+        """Bytes per node (ranks sharing a host) and the busiest node against its bound."""
+        lines = [f"{'node':>16} {'bytes':>18} {'':>11}"]
+        order = sorted(range(len(self.node_names)), key=lambda n: (-self.bytes_per_node[n], n))[:max_rows]
+        for n in sorted(order):
+            b = self.bytes_per_node[n]
+            mark = "  <- busiest" if n == self.busiest_node else ""
+            lines.append(f"{self.node_names[n][:16]:>16} {b:>18,} {fmt_bytes(b):>11}{mark}")
+        if len(order) < len(self.node_names):
+            lines.append(f"({len(self.node_names) - len(order)} of {len(self.node_names)} nodes not shown)")
+        lines.append(
+            f"busiest node {self.node_names[self.busiest_node]}: {fmt_bytes(self.busiest_node_bytes)}; "
+            f"node lower bound {fmt_bytes(self.node_lower_bound)}; ratio {self.node_ratio:.3f}"
+        )
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -168,6 +210,8 @@ class PlanReport:
         d = attrs.asdict(self)
         d["bytes_per_rank"] = list(self.bytes_per_rank)
         d["items_per_rank"] = list(self.items_per_rank)
+        d["node_names"] = list(self.node_names)
+        d["bytes_per_node"] = list(self.bytes_per_node)
         return d
 
 
@@ -177,6 +221,7 @@ def build_report(
     strategy: str = "",
     *,
     index: PlanIndex | None = None,
+    hosts: Sequence[str | None] | None = None,
 ) -> PlanReport:
     """Report on ``global_plan`` (after dedup) given the ``local_plans`` it came from.
 
@@ -184,6 +229,8 @@ def build_report(
     :param global_plan: one plan per rank after dedup (who *writes* what).
     :param strategy: a name shown in the report.
     :param index: a :class:`PlanIndex` of ``local_plans`` already built (saves a pass).
+    :param hosts: per rank, its host name (default: the index's ``hosts``); with
+        hosts, the report adds bytes per node and the busiest node's bound.
     """
     world = len(global_plan)
     per_rank = [sum(nbytes_list(p.items)) for p in global_plan]
@@ -193,6 +240,9 @@ def build_report(
     busiest = min(range(world), key=lambda r: (-per_rank[r], r)) if world else 0
     top = per_rank[busiest] if world else 0
     ratio = (top / lb) if lb else 1.0
+    if hosts is None:
+        hosts = getattr(idx, "hosts", None)
+    nodes = _node_fields(per_rank, idx, hosts) if hosts is not None and any(h is not None for h in hosts) else {}
     return PlanReport(
         bytes_per_rank=tuple(per_rank),
         items_per_rank=tuple(items),
@@ -204,7 +254,45 @@ def build_report(
         total_bytes=sum(per_rank),
         bound_reason=why,
         divisible_bound=div,
+        **nodes,
     )
+
+
+def node_of_ranks(world: int, hosts: Sequence[str | None]) -> tuple[list[int], list[str]]:
+    """Per rank its node number, and the node names: equal hosts share a node (first-appearance order);
+    a rank without a host is a node of its own, named ``rank<r>``."""
+    node_of: list[int] = []
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for r in range(world):
+        h = hosts[r] if r < len(hosts) else None
+        if h is None:
+            node_of.append(len(names))
+            names.append(f"rank{r}")
+            continue
+        n = seen.get(h)
+        if n is None:
+            n = seen[h] = len(names)
+            names.append(h)
+        node_of.append(n)
+    return node_of, names
+
+
+def _node_fields(per_rank: Sequence[int], idx: PlanIndex, hosts: Sequence[str | None]) -> dict[str, Any]:
+    node_of, names = node_of_ranks(len(per_rank), hosts)
+    per_node = [0] * len(names)
+    for r, b in enumerate(per_rank):
+        per_node[node_of[r]] += b
+    node_holders = [tuple(sorted({node_of[r] for r in hs})) for hs in idx.holders]
+    nlb = _bound(len(names), node_holders, idx.nbytes)[0]
+    busiest = min(range(len(names)), key=lambda n: (-per_node[n], n))
+    return {
+        "node_names": tuple(names),
+        "bytes_per_node": tuple(per_node),
+        "busiest_node": busiest,
+        "busiest_node_bytes": per_node[busiest],
+        "node_lower_bound": nlb,
+    }
 
 
 def compare_table(reports: Mapping[str, PlanReport]) -> str:

@@ -27,8 +27,12 @@ slices as chunks. Any loader reads it: dcplan's, torch's ``DefaultLoadPlanner``
 ``dcplan.SavePlanner``, whose ``resolve_data`` narrows a held tensor to a
 slice (torch's planner can only resolve whole local chunks).
 
-Options (``strategy_options``): ``min_slice_bytes`` (default 1 MiB) and
-``max_slices`` (default 64).
+Options (``strategy_options``): ``min_slice_bytes`` (default ``"auto"``) and
+``max_slices`` (default 64). ``"auto"`` picks, per replica group, the smaller
+of 1 MiB and 0.2 % of the group's level (never below 1 byte), so the busiest
+rank stays within about 0.2-0.4 % of the divisible bound however small each
+rank's share is; an integer is a fixed floor (fewer, larger writes; the busiest
+rank can exceed the level by up to about one ``min_slice_bytes``).
 """
 
 from __future__ import annotations
@@ -45,10 +49,13 @@ from dcplan.compat import ChunkStorageMetadata, MetadataIndex, SavePlan, WriteIt
 from dcplan.gcpause import paused_gc
 from dcplan.save.index import PlanIndex, index_plans
 
-__all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES"]
+__all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES", "AUTO_FRACTION"]
 
+#: the largest slice floor ``"auto"`` uses (and the floor of older releases)
 DEFAULT_MIN_SLICE_BYTES = 1 << 20
-DEFAULT_MAX_SLICES = 64
+DEFAULT_MAX_SLICES = 1024
+#: ``min_slice_bytes = "auto"``: the floor is at most this fraction of the group's level
+AUTO_FRACTION = 0.002
 
 
 def water_level(loads: Sequence[int], extra: int) -> int:
@@ -112,9 +119,12 @@ def _piece(item: WriteItem, dim: int, lo: int, hi: int) -> WriteItem:
 
 
 def split_pieces(
-    idx: PlanIndex, min_slice_bytes: int, max_slices: int
+    idx: PlanIndex, min_slice_bytes: int | str, max_slices: int
 ) -> tuple[list[int], dict[int, list[tuple[int, WriteItem]]]]:
-    """Owners of whole items (``-1`` for split ones) and, per split key, its ``(rank, slice item)`` list."""
+    """Owners of whole items (``-1`` for split ones) and, per split key, its ``(rank, slice item)`` list.
+
+    ``min_slice_bytes``: an integer floor, or ``"auto"`` (per group, see the module doc).
+    """
     holders = idx.holders
     nb = idx.nbytes
     load = idx.fixed_loads()
@@ -124,9 +134,10 @@ def split_pieces(
         if len(hs) > 1:
             groups.setdefault(tuple(hs), []).append(k)
     pieces_of: dict[int, list[tuple[int, WriteItem]]] = {}
-    threshold = 2 * min_slice_bytes
     for g in sorted(groups, key=lambda t: (len(t), t)):
         ks = groups[g]
+        min_bytes = _min_slice(min_slice_bytes, g, ks, nb, load)
+        threshold = 2 * min_bytes
         whole: list[int] = []
         big: list[tuple[int, int]] = []
         for k in ks:
@@ -181,7 +192,7 @@ def split_pieces(
                 start = cut
                 jj += 1
             pos += p
-            _merge_small(cur, row_bytes, min_slice_bytes, max_slices)
+            _merge_small(cur, row_bytes, min_bytes, max_slices)
             for r, lo, hi in cur:
                 load[r] += (hi - lo) * row_bytes
             if len(cur) == 1:
@@ -192,28 +203,39 @@ def split_pieces(
     return owner, pieces_of
 
 
+def _min_slice(option: int | str, g: Sequence[int], ks: Sequence[int], nb: Sequence[int], load: Sequence[int]) -> int:
+    """The slice floor for one replica group: the option, or ``"auto"``'s share of the group's level."""
+    if option != "auto":
+        return int(option)
+    level = (sum(load[r] for r in g) + sum(nb[k] for k in ks)) / len(g)
+    return max(1, min(DEFAULT_MIN_SLICE_BYTES, int(AUTO_FRACTION * level)))
+
+
+_AUTO = ' or "auto"'
+
+
 def _check_options(min_slice_bytes: Any, max_slices: Any) -> None:
+    if min_slice_bytes == "auto":
+        min_slice_bytes = 1
     for name, value in (("min_slice_bytes", min_slice_bytes), ("max_slices", max_slices)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(
-                f"split: {name} must be an integer >= 1, got {value!r} "
+                f"split: {name} must be an integer >= 1{_AUTO if name == 'min_slice_bytes' else ''}, "
+                f"got {value!r} "
                 f"(e.g. strategy_options = {{{name} = {DEFAULT_MIN_SLICE_BYTES if name == 'min_slice_bytes' else 8}}})"
             )
 
 
-def _check_option_dict(options: dict[str, Any]) -> None:
-    _check_options(options.get("min_slice_bytes"), options.get("max_slices"))
-
-
 def split(
     all_plans: Sequence[SavePlan],
-    min_slice_bytes: int = DEFAULT_MIN_SLICE_BYTES,
+    min_slice_bytes: int | str = "auto",
     max_slices: int = DEFAULT_MAX_SLICES,
+    *,
     index: PlanIndex | None = None,
 ) -> list[SavePlan]:
     """Dedup that splits large replicated tensors into one contiguous slice per holder (see module doc).
 
-    :param index: the coordinator's :class:`PlanIndex` of ``all_plans`` (built here when ``None``).
+    :param index: a :class:`PlanIndex` of ``all_plans`` (built here when ``None``).
     """
     _check_options(min_slice_bytes, max_slices)
     with paused_gc():
@@ -221,7 +243,7 @@ def split(
 
 
 def _split(
-    all_plans: Sequence[SavePlan], min_slice_bytes: int, max_slices: int, index: PlanIndex | None = None
+    all_plans: Sequence[SavePlan], min_slice_bytes: int | str, max_slices: int, index: PlanIndex | None
 ) -> list[SavePlan]:
     idx = index if index is not None else index_plans(all_plans)
     owner, pieces_of = split_pieces(idx, min_slice_bytes, max_slices)
@@ -248,7 +270,7 @@ def dcplan_register_strategies() -> list[dcplan.Strategy]:
                 "large replicated tensors are cut into contiguous slices, one per holder, so every "
                 "holder writes its share (needs dcplan.SavePlanner to save; any loader reads it)"
             ),
-            options={"min_slice_bytes": DEFAULT_MIN_SLICE_BYTES, "max_slices": DEFAULT_MAX_SLICES},
-            check_options=_check_option_dict,
+            options={"min_slice_bytes": "auto", "max_slices": DEFAULT_MAX_SLICES},
+            check_options=lambda o: _check_options(o["min_slice_bytes"], o["max_slices"]),
         )
     ]
