@@ -48,6 +48,26 @@ def test_plugin_dirs(root: Path = ROOT) -> list[Path]:
 test_plugin_dirs.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
+def third_party_requirements(dirs: list[Path]) -> list[str]:
+    """The dependencies the projects in ``dirs`` declare, less dcplan's own distributions and torch.
+
+    The projects themselves are installed ``--no-deps`` (so pip never swaps dcplan or torch
+    for something from an index); what else they need (e.g. ``safetensors`` for
+    ``dcplan-empty-load``) is installed from these requirement strings, with dependencies.
+    """
+    import re
+    import tomllib
+
+    out: list[str] = []
+    for d in dirs:
+        deps = tomllib.loads((d / "pyproject.toml").read_text())["project"].get("dependencies", [])
+        for req in deps:
+            name = re.split(r"[\s<>=!~\[;(]", req, maxsplit=1)[0].lower().replace("_", "-")
+            if name != "torch" and not name.startswith("dcplan") and req not in out:
+                out.append(req)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -87,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.call(cmd)
     if rc:
         return rc
+    reqs = third_party_requirements(dirs)
+    if reqs:
+        print("install_local: their requirements:", " ".join(reqs), flush=True)
+        rc = subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", *reqs])
+        if rc:
+            return rc
     return subprocess.call([sys.executable, "-m", "pip", "check"])
 
 
