@@ -326,30 +326,32 @@ class DcplanPluginManager:
             return None
 
     def _collect_strategies(self) -> dict[str, _Registered]:
-        out: dict[str, _Registered] = {}
-        impls = self.pm.hook.dcplan_register_strategies.get_hookimpls()
+        return self._collect_records("dcplan_register_strategies", Strategy, _Registered, "strategy")
+
+    def _collect_records(self, hook: str, record: type, registered: type, kind: str) -> dict[str, Any]:
+        """Every record a registration hook returns, by name; a name registered twice is an error."""
+        out: dict[str, Any] = {}
         # get_hookimpls is in registration order; keep it so listings are stable.
-        for impl in impls:
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
             pname = impl.plugin_name
             dist = self._dist.get(pname, (pname, None))[0] or pname
-            result: Any = self._call_registration(impl, "dcplan_register_strategies")
-            if result is None:
-                continue
-            for strategy in result:
-                if not isinstance(strategy, Strategy):
+            result: Any = self._call_registration(impl, hook)
+            for strategy in result or ():
+                valid = isinstance(strategy, record)  # (not narrowing: records are read by name below)
+                if not valid:
                     raise PluginError(
                         f"plugin {pname!r} (distribution {dist}) returned {strategy!r} from "
-                        "dcplan_register_strategies; return dcplan.Strategy records"
+                        f"{hook}; return dcplan.{record.__name__} records"
                     )
                 if strategy.name in out:
                     other = out[strategy.name]
                     raise PluginError(
-                        f"strategy {strategy.name!r} is registered twice: by distribution "
+                        f"{kind} {strategy.name!r} is registered twice: by distribution "
                         f"{other.distribution!r} (plugin {other.plugin!r}) and by distribution "
                         f"{dist!r} (plugin {pname!r}); uninstall one, or disable one with "
                         "DCPLAN_DISABLE_PLUGINS"
                     )
-                out[strategy.name] = _Registered(strategy, pname, dist)
+                out[strategy.name] = registered(strategy, pname, dist)
         return dict(sorted(out.items()))
 
     def strategy_names(self) -> list[str]:
@@ -401,27 +403,7 @@ class DcplanPluginManager:
         return self._load_strategies
 
     def _collect_load_strategies(self) -> dict[str, _RegisteredLoad]:
-        out: dict[str, _RegisteredLoad] = {}
-        for impl in self.pm.hook.dcplan_register_load_strategies.get_hookimpls():
-            pname = impl.plugin_name
-            dist = self._dist.get(pname, (pname, None))[0] or pname
-            result: Any = self._call_registration(impl, "dcplan_register_load_strategies")
-            for strategy in result or ():
-                if not isinstance(strategy, LoadStrategy):
-                    raise PluginError(
-                        f"plugin {pname!r} (distribution {dist}) returned {strategy!r} from "
-                        "dcplan_register_load_strategies; return dcplan.LoadStrategy records"
-                    )
-                if strategy.name in out:
-                    other = out[strategy.name]
-                    raise PluginError(
-                        f"load strategy {strategy.name!r} is registered twice: by distribution "
-                        f"{other.distribution!r} (plugin {other.plugin!r}) and by distribution "
-                        f"{dist!r} (plugin {pname!r}); uninstall one, or disable one with "
-                        "DCPLAN_DISABLE_PLUGINS"
-                    )
-                out[strategy.name] = _RegisteredLoad(strategy, pname, dist)
-        return dict(sorted(out.items()))
+        return self._collect_records("dcplan_register_load_strategies", LoadStrategy, _RegisteredLoad, "load strategy")
 
     def get_load_strategy(self, name: str) -> LoadStrategy:
         try:

@@ -95,7 +95,7 @@ class MeteredFileSystemReader(FileSystemReader):
     def __init__(self, path: str | os.PathLike[str], *args: Any, bandwidth: float | None = None, **kwargs: Any) -> None:
         super().__init__(path, *args, **kwargs)
         self.meter = Meter(bandwidth)
-        self.fs = _MeteredFS(self.fs, self.meter)  # type: ignore[assignment]
+        self.fs = _MeteredFS(self.fs, self.meter)  # type: ignore[assignment,has-type]
 
     def _open_data(self, path: str) -> Any:
         # dcplan's reader opens data files here (torch's reads through self.fs.create_stream)
