@@ -24,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import dcplan
+from dcplan import compat
 from dcplan.cli.main import main as cli_main
 from dcplan.storage.checksum import sidecar_name
 from dcplan.storage.verify import verify_checkpoint
@@ -83,11 +84,16 @@ def _load_dcplan(path: str | Path, **kw: Any) -> dict[str, Any]:
     return sd
 
 
+def _single(fn: Any) -> dict[str, Any]:
+    """One process, no process group: ``no_dist=True`` where this torch takes it (2.7+); older ones infer it."""
+    return compat.dcp_call_kwargs(fn, None)
+
+
 def _load_stock(path: str | Path) -> dict[str, Any]:
     """torch's own reader and default planner, nothing of dcplan's."""
     sd = _blank(_state(0))
     dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)),
-             planner=dcp.DefaultLoadPlanner(), no_dist=True)
+             planner=dcp.DefaultLoadPlanner(), **_single(dcp.load))
     return sd
 
 
@@ -317,7 +323,7 @@ def test_storage_paths_outside_the_directory_are_refused(ckpt_a: Path, tmp_path:
 
 def test_torch_written_checkpoint_loads_without_checksums_and_verifies(tmp_path: Path) -> None:
     path = tmp_path / "torch"
-    dcp.save(_state(7), storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+    dcp.save(_state(7), storage_writer=dcp.FileSystemWriter(str(path)), **_single(dcp.save))
     assert _same(_load_dcplan(path), _state(7))
     report = verify_checkpoint(path)
     assert report.ok and report.checksums == "absent"
@@ -328,9 +334,9 @@ def test_torch_written_checkpoint_loads_without_checksums_and_verifies(tmp_path:
 def test_writer_reused_without_reset_never_overwrites_committed_files(tmp_path: Path) -> None:
     path = tmp_path / "ckpt"
     writer = FileSystemWriter(str(path))
-    dcp.save(_state(1), storage_writer=writer, no_dist=True)
+    dcp.save(_state(1), storage_writer=writer, **_single(dcp.save))
     first = {p.name for p in _data_files(path)}
-    dcp.save(_state(2), storage_writer=writer, no_dist=True)
+    dcp.save(_state(2), storage_writer=writer, **_single(dcp.save))
     second = {p.name for p in _data_files(path)}
     assert first and second and not first & second
     assert _same(_load_dcplan(path), _state(2))
@@ -363,7 +369,7 @@ def test_cli_inspect_says_metadata_only_and_convert_names_the_file(ckpt_a: Path,
 @pytest.mark.parametrize("options", [{"thread_count": 2}, {"single_file_per_rank": False}])
 def test_writer_options_pass_through_and_every_item_is_checksummed(tmp_path: Path, options: dict) -> None:
     path = tmp_path / "ckpt"
-    dcp.save(_state(6), storage_writer=FileSystemWriter(str(path), **options), no_dist=True)
+    dcp.save(_state(6), storage_writer=FileSystemWriter(str(path), **options), **_single(dcp.save))
     report = verify_checkpoint(path)
     assert report.ok and report.checksums == "verified" and report.checked_items == report.items
     assert _same(_load_stock(path), _state(6)) and _same(_load_dcplan(path), _state(6))
