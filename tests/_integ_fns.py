@@ -8,22 +8,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from _bits import flat
 from torch import nn
 
 import dcplan
 from dcplan import compat
-from dcplan.compat import DTensor
-
-
-def _bits(t: torch.Tensor) -> bytes:
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _flat(sd: dict[str, Any]) -> dict[str, Any]:
-    flat, _ = compat.flatten_state_dict(sd)
-    return {k: (_bits(v), str(v.dtype), tuple(v.shape)) if isinstance(v, torch.Tensor) else v for k, v in flat.items()}
 
 
 def _ddp_state(seed: int) -> dict[str, Any]:
@@ -44,7 +33,7 @@ def ddp_roundtrip(rank: int, world: int, path: str, strategy: str, loader: str) 
     dcp.load(fresh, checkpoint_id=path, planner=lp)
     written = sorted(i.index.fqn for i in planner.plan.items)
     report = planner.report.to_dict() if rank == 0 else None
-    return {"equal": _flat(state) == _flat(fresh), "written": written, "report": report}
+    return {"equal": flat(state) == flat(fresh), "written": written, "report": report}
 
 
 def torch_writes_dcplan_reads(rank: int, world: int, path: str) -> bool:
@@ -52,7 +41,7 @@ def torch_writes_dcplan_reads(rank: int, world: int, path: str) -> bool:
     dcp.save(state, checkpoint_id=path, planner=compat.torch_default_save_planner())
     fresh = _ddp_state(1)
     dcp.load(fresh, checkpoint_id=path, planner=dcplan.LoadPlanner())
-    return _flat(state) == _flat(fresh)
+    return flat(state) == flat(fresh)
 
 
 def _fully_shard() -> Any:
@@ -86,7 +75,7 @@ def fsdp2_roundtrip(rank: int, world: int, path: str, loader: str) -> dict[str, 
     lp = dcplan.LoadPlanner() if loader == "dcplan" else compat.torch_default_load_planner()
     dcp.load(sd2, checkpoint_id=path, planner=lp)
     types = sorted({type(v).__name__ for v in m.state_dict().values()})
-    return {"equal": _flat(sd) == _flat(sd2), "types": types, "items": len(planner.plan.items)}
+    return {"equal": flat(sd) == flat(sd2), "types": types, "items": len(planner.plan.items)}
 
 
 def hsdp_roundtrip(rank: int, world: int, path: str, strategy: str) -> dict[str, Any]:
@@ -103,7 +92,7 @@ def hsdp_roundtrip(rank: int, world: int, path: str, strategy: str) -> dict[str,
     sd2 = {"w": compat.distribute_tensor(torch.zeros(12, 10), mesh, [Shard(0), Replicate()]),
            "v": compat.distribute_tensor(torch.zeros(4, 10), mesh, [Replicate(), Replicate()])}
     dcp.load(sd2, checkpoint_id=path, planner=dcplan.LoadPlanner())
-    return {"equal": _flat(sd) == _flat(sd2), "chunks": [(i.index.fqn, tuple(i.index.offset)) for i in planner.plan.items]}
+    return {"equal": flat(sd) == flat(sd2), "chunks": [(i.index.fqn, tuple(i.index.offset)) for i in planner.plan.items]}
 
 
 def submesh_roundtrip(rank: int, world: int, path: str) -> dict[str, Any]:
@@ -185,7 +174,7 @@ def async_roundtrip(rank: int, world: int, path: str) -> bool:
     fut.result()
     fresh = _ddp_state(1)
     dcp.load(fresh, checkpoint_id=path, planner=dcplan.LoadPlanner())
-    return _flat(state) == _flat(fresh)
+    return flat(state) == flat(fresh)
 
 
 def files_in(path: str) -> list[str]:

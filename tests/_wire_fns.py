@@ -7,23 +7,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from _bits import flat
 from torch import nn
 
 import dcplan
 from dcplan import compat
-from dcplan.compat import DTensor
 from dcplan.testing.wirecount import counting
-
-
-def _bits(t: torch.Tensor) -> bytes:
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _flat(sd: dict[str, Any]) -> dict[str, Any]:
-    flat, _ = compat.flatten_state_dict(sd)
-    return {k: (_bits(v), str(v.dtype), tuple(v.shape)) if isinstance(v, torch.Tensor) else v for k, v in flat.items()}
 
 
 def _state(kind: str, seed: int) -> dict[str, Any]:
@@ -66,7 +55,7 @@ def save_load(rank: int, world: int, path: str, kind: str, planner: str, group: 
         fresh.pop("local", None)
         lp = dcplan.LoadPlanner() if loader == "dcplan" else compat.torch_default_load_planner()
         dcp.load(fresh, checkpoint_id=path, planner=lp, process_group=pg)
-        out[f"equal_{loader}"] = _flat(state) == _flat(fresh)
+        out[f"equal_{loader}"] = flat(state) == flat(fresh)
     if planner == "dcplan":
         out["written"] = sorted((i.index.fqn, tuple(i.index.offset or ())) for i in p.plan.items)
     return out
@@ -104,7 +93,7 @@ def store_save(rank: int, world: int, path: str, store_dir: str, extra: bool = F
             fresh["model"]["added"] = torch.zeros(2)
         lp = dcplan.LoadPlanner() if loader == "dcplan" else compat.torch_default_load_planner()
         dcp.load(fresh, checkpoint_id=path, planner=lp)
-        out[f"equal_{loader}"] = _flat(state) == _flat(fresh)
+        out[f"equal_{loader}"] = flat(state) == flat(fresh)
     return out
 
 

@@ -5,25 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-
-BIN = Path(sys.executable).parent
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DCPLAN_")}
-    env.update(extra)
-    return env
-
-
-def _run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "dcplan"), *args], cwd=cwd, env=_env(**env), capture_output=True, text=True)
+from _cli import cli_env as _env
+from _cli import run_cli as _run
 
 
 def test_plugins_json(tmp_path):

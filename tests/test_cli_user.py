@@ -7,7 +7,6 @@ take a fraction of a second.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,23 +14,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _cli import BIN
+from _cli import cli_env as _env
+from _cli import run_cli as _run
 from _fakedist import STRATEGY_SRC, make_dist
 
 from dcplan.cli.main import main
 from dcplan.config import parse_bool, resolve_config
 from dcplan.errors import ConfigError
-
-BIN = Path(sys.executable).parent
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DCPLAN_")}
-    env.update(extra)
-    return env
-
-
-def _run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "dcplan"), *args], cwd=cwd, env=_env(**env), capture_output=True, text=True)
 
 
 # ------------------------------------------------------------------ config
@@ -175,16 +165,6 @@ def test_progress_on_a_terminal_only():
 
 
 # ------------------------------------------------------------------ dcplan plugins
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    path = tmp_path / "site"
-    path.mkdir()
-    monkeypatch.syspath_prepend(str(path))
-    yield path
-    for mod in [m for m in sys.modules if m.startswith("fake_")]:
-        del sys.modules[mod]
-
-
 RAISING = '''
 import dcplan
 

@@ -21,7 +21,7 @@ import _coop_fns as fns  # noqa: E402
 
 import dcplan  # noqa: E402
 from dcplan import compat  # noqa: E402
-from dcplan.testing.procs import GlooPool  # noqa: E402
+from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
 
 pytest.importorskip("dcplan_coop_load")
 from dcplan_coop_load.plan import SCHEDULE_KEY, plan_cooperative  # noqa: E402
@@ -29,10 +29,7 @@ from dcplan_coop_load.plan import SCHEDULE_KEY, plan_cooperative  # noqa: E402
 WORLD = 4
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with GlooPool(WORLD, timeout=180) as p:
-        yield p
+pool = gloo_pool_fixture(WORLD)
 
 
 @pytest.fixture(scope="module")

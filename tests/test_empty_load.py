@@ -19,16 +19,13 @@ import _load_fns as fns  # noqa: E402
 import dcplan  # noqa: E402
 from dcplan import compat  # noqa: E402
 from dcplan.cli.main import main as cli_main  # noqa: E402
-from dcplan.testing.procs import GlooPool  # noqa: E402
+from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
 from dcplan_empty_load import EmptyLoadPlanner, KeySelectionError, load_checkpoint, select_keys  # noqa: E402
 
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with GlooPool(WORLD, timeout=180) as p:
-        yield p
+pool = gloo_pool_fixture(WORLD)
 
 
 @pytest.fixture(scope="module")

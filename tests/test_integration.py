@@ -10,16 +10,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import _integ_fns as F  # noqa: E402
 
-from dcplan.testing.procs import GlooPool  # noqa: E402
+from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 WORLD = 4
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with GlooPool(WORLD, timeout=180) as p:
-        yield p
+pool = gloo_pool_fixture(WORLD)
 
 
 @pytest.mark.parametrize("strategy", ["size_balanced", "lowest_rank", "torch"])

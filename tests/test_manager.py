@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import sys
 import warnings
 
 import pytest
@@ -9,16 +8,6 @@ from _fakedist import STRATEGY_SRC, make_dist
 import dcplan
 from dcplan.errors import PluginError, UnknownStrategyError
 from dcplan.manager import DcplanPluginManager
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    path = tmp_path / "site"
-    path.mkdir()
-    monkeypatch.syspath_prepend(str(path))
-    yield path
-    for mod in [m for m in sys.modules if m.startswith("fake_")]:
-        del sys.modules[mod]
 
 
 def test_builtin_goes_through_hooks():

@@ -16,15 +16,12 @@ import _load_fns as fns  # noqa: E402
 import dcplan  # noqa: E402
 from dcplan.load.planner import Mismatch  # noqa: E402
 from dcplan.load.report import LoadReport
-from dcplan.testing.procs import GlooPool  # noqa: E402
+from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
 
 WORLD = 3
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with GlooPool(WORLD, timeout=180) as p:
-        yield p
+pool = gloo_pool_fixture(WORLD)
 
 
 @pytest.fixture(scope="module")

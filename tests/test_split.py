@@ -21,7 +21,7 @@ from dcplan import compat, workloads  # noqa: E402
 from dcplan.compat import SavePlan, WriteItemType  # noqa: E402
 from dcplan.save.report import build_report  # noqa: E402
 from dcplan.testing.plans import bytes_item, tensor_item  # noqa: E402
-from dcplan.testing.procs import GlooPool  # noqa: E402
+from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
 from dcplan_split import split, water_level  # noqa: E402
 
 WORLD = 4
@@ -123,10 +123,7 @@ def test_split_reaches_the_target_on_benchmark_layouts(spec: tuple) -> None:
 
 # ------------------------------------------------------------------ real processes
 
-@pytest.fixture(scope="module")
-def pool():
-    with GlooPool(WORLD, timeout=180) as p:
-        yield p
+pool = gloo_pool_fixture(WORLD)
 
 
 @pytest.fixture(scope="module")

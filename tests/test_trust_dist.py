@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import _trust_fns as F  # noqa: E402
 
-from dcplan.testing.procs import GlooPool  # noqa: E402
+from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
 
 pytest.importorskip("dcplan_adversarial", reason="tests/plugins/dcplan-adversarial is not installed here "
                     "(tools/install_local.py --tests installs it)")
@@ -30,10 +30,7 @@ BROKEN = {
 }
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with GlooPool(WORLD, env={"TEST_DCPLAN_ADVERSARIAL": "1"}, timeout=120) as p:
-        yield p
+pool = gloo_pool_fixture(WORLD, env={"TEST_DCPLAN_ADVERSARIAL": "1"}, timeout=120)
 
 
 def _nothing_written(results) -> None:

@@ -1,9 +1,19 @@
-"""dcplan's pytest plugin (entry point ``pytest11: dcplan``): the conformance fixture.
+"""dcplan's pytest plugin (entry point ``pytest11: dcplan``): the conformance fixture and a gloo pool.
 
 Installed with dcplan, so a plugin author's test suite gets it with no setup::
 
     def test_my_strategy_conforms(dcplan_conformance):
         dcplan_conformance(my_strategy)
+
+For integration tests with real processes, one pool of gloo ranks per test module
+(starting a process that imports torch costs seconds)::
+
+    from dcplan.testing.pytest_plugin import gloo_pool_fixture
+
+    pool = gloo_pool_fixture(4)          # a module-scoped fixture named ``pool``
+
+    def test_roundtrip(pool, tmp_path):
+        results = pool.run(my_module.save_and_load, str(tmp_path))
 
 ``--dcplan-max-examples N`` (or the ``dcplan_max_examples`` ini key) sets how many
 generated workloads each check tries. This module imports nothing heavy: torch
@@ -17,7 +27,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["dcplan_conformance"]
+__all__ = ["dcplan_conformance", "gloo_pool_fixture"]
 
 DEFAULT_MAX_EXAMPLES = 100
 
@@ -59,3 +69,24 @@ def dcplan_conformance(request: pytest.FixtureRequest) -> Callable[..., Any]:
         return check_strategy(strategy, options, **kwargs)
 
     return check
+
+
+def gloo_pool_fixture(world_size: int, *, env: Mapping[str, str] | None = None, timeout: float = 180.0) -> Any:
+    """A module-scoped pytest fixture yielding a :class:`dcplan.testing.procs.GlooPool` of ``world_size`` ranks.
+
+    Assign it to a module-level name (the fixture's name)::
+
+        pool = gloo_pool_fixture(3, env={"MY_PLUGIN_DEBUG": "1"})
+
+    :param env: environment variables set in every rank's process.
+    :param timeout: seconds a call of ``pool.run`` may take before the pool is declared hung.
+    """
+
+    @pytest.fixture(scope="module")
+    def pool() -> Any:
+        from dcplan.testing.procs import GlooPool
+
+        with GlooPool(world_size, env=dict(env) if env else None, timeout=timeout) as p:
+            yield p
+
+    return pool
