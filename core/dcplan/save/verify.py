@@ -356,13 +356,26 @@ def _inside(outer: Any, inner: tuple[Any, Any]) -> bool:
 
 
 def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violations) -> set[int]:
-    """Slices: inside a chunk their rank holds, index offset = chunk offset, tiling it exactly."""
+    """Slices: inside a chunk their rank holds, index offset = chunk offset, tiling it exactly.
+
+    The slices that certainly pass the per-slice checks (the usual split slices)
+    are found with numpy (:func:`_fast_containers`) and their tiling checked per
+    held chunk as intervals along one dimension (:func:`_fast_tilings`); every
+    other slice or chunk takes the exact per-item path, which also words the
+    violations, so messages and their order do not depend on the fast path.
+    """
     if not slices:
         return set()
+    fast, arrays = _fast_containers(index, slices)
     by_fqn: dict[str, list[int]] | None = None
-    pieces: dict[int, list[tuple[int, Any, Any]]] = {}
+    pieces: dict[int, list[int]] = {}
+    chunks: dict[int, tuple[Any, Any]] = {}  # slow-path slices: position -> (offsets, sizes) tuples
     holders, first = index.holders, index.first
-    for rank, item, cand in slices:
+    for j, (rank, item, cand) in enumerate(slices):
+        k = fast[j]
+        if k >= 0:
+            pieces.setdefault(k, []).append(j)
+            continue
         fqn = item.index.fqn
         td = item.tensor_data
         if td is None or td.chunk is None:
@@ -375,8 +388,9 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
                     f"{None if off is None else tuple(off)}, not its chunk offset {ch[0]}: a load would fail "
                     "with KeyError (the index offset must equal the chunk offset)")
             continue
-        if cand is not None and rank in holders[cand] and _held_chunk_contains(first[cand], ch):
-            pieces.setdefault(cand, []).append((rank, ch, td))  # the usual split slice: its first piece
+        chunks[j] = ch
+        if cand is not None and _holds(holders[cand], rank) and _held_chunk_contains(first[cand], ch):
+            pieces.setdefault(cand, []).append(j)  # the usual split slice: its first piece
             continue
         if by_fqn is None:
             by_fqn = _keys_by_fqn(index, {it.index.fqn for _, it, _ in slices})
@@ -384,7 +398,7 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
             out.add(f"rank {rank} writes {fqn!r}, which no rank holds (a strategy must not invent items)")
             continue
         container = [k for k in by_fqn[fqn] if _held_chunk_contains(first[k], ch)]
-        mine = [k for k in container if rank in holders[k]]
+        mine = [k for k in container if _holds(holders[k], rank)]
         if not mine:
             if container:
                 k = container[0]
@@ -394,10 +408,188 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
                 out.add(f"rank {rank} writes {_where(fqn, *ch)}, which lies outside every chunk of {fqn!r} "
                         "that any rank holds")
             continue
-        pieces.setdefault(mine[0], []).append((rank, ch, td))
+        pieces.setdefault(mine[0], []).append(j)
+    tiled = _fast_tilings(index, pieces, fast, arrays, count) if arrays is not None else set()
     for k, got in pieces.items():
-        _check_tiling(index, k, got, int(count[k]), out)
+        if k in tiled:
+            continue
+        full = []
+        for j in got:
+            ch = chunks.get(j)
+            if ch is None:
+                c = slices[j][1].tensor_data.chunk
+                ch = (tuple(c.offsets), tuple(c.sizes))
+            full.append((slices[j][0], ch, slices[j][1].tensor_data))
+        _check_tiling(index, k, full, int(count[k]), out)
     return set(pieces)
+
+
+def _holds(holders: Sequence[int], rank: int) -> bool:
+    """``rank in holders`` for an ascending tuple, in O(log n)."""
+    at = bisect_right(holders, rank) - 1
+    return at >= 0 and holders[at] == rank
+
+
+_SLICE = operator.attrgetter("index.fqn", "index.offset", "tensor_data.chunk.offsets", "tensor_data.chunk.sizes")
+_SIG = operator.attrgetter("tensor_data.properties.dtype", "tensor_data.size")
+
+
+class _SliceArrays:
+    """The slices' geometry as numpy arrays, one group per number of dimensions."""
+
+    __slots__ = ("groups", "sig_ok")
+
+    def __init__(self, groups: dict[int, tuple[Any, Any, Any]], sig_ok: list[bool]) -> None:
+        self.groups = groups  # ndim -> (slice positions, offsets (m, ndim), sizes (m, ndim))
+        self.sig_ok = sig_ok  # per slice: dtype and global size equal the container's (fast slices only)
+
+
+def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[list[int], _SliceArrays | None]:
+    """Per slice, the held chunk (key id) it belongs to when it certainly passes the per-slice checks, else -1.
+
+    Certainly passes: a tensor slice whose index offset equals its chunk offset
+    (``==`` on the offsets as given), whose rank holds exactly one chunk of its
+    fqn, and that chunk contains it. Found with numpy: the fqns of the held
+    keys are coded once, each involved distinct plan's ids are filtered by code,
+    and containment is one comparison of (slices x dims) arrays.
+    """
+    import numpy as np
+
+    n = len(slices)
+    fast = [-1] * n
+    items = [s[1] for s in slices]
+    try:
+        info = list(map(_SLICE, items))
+    except AttributeError:  # an object slice or a tensor without a chunk: a violation, worded by the slow path
+        return fast, None
+    fqns, ioffs, coffs, csizes = zip(*info)
+    off_ok = list(map(operator.eq, ioffs, coffs))
+    code: dict[str, int] = {f: c for c, f in enumerate(dict.fromkeys(fqns))}
+    ncode = len(code)
+    keys = index.keys
+    key_code = np.fromiter(map(code.get, map(_FQN, keys), itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+    members = index.members()
+    rep_of = np.zeros(index.world_size, dtype=np.int64)
+    for rep, ranks in members.items():
+        rep_of[list(ranks)] = rep
+    ranks_arr = np.fromiter((s[0] for s in slices), dtype=np.int64, count=n)
+    if len(ranks_arr) and (ranks_arr.min() < 0 or ranks_arr.max() >= index.world_size):
+        return fast, None
+    s_rep = rep_of[ranks_arr]
+    s_pair = s_rep * ncode + np.fromiter(map(code.__getitem__, fqns), dtype=np.int64, count=n)
+    # (distinct plan, fqn) -> the keys of that fqn the plan holds
+    pair_parts, key_parts = [], []
+    for rep in np.unique(s_rep).tolist():
+        ids = index.plan_ids(rep)
+        c = key_code[ids]
+        m = c >= 0
+        pair_parts.append(rep * ncode + c[m])
+        key_parts.append(ids[m])
+    if not pair_parts:
+        return fast, None
+    pk = np.unique(np.concatenate(pair_parts) * max(len(keys), 1) + np.concatenate(key_parts))
+    if not len(pk):  # no involved plan holds any of the slices' fqns: all violations
+        return fast, None
+    pairs, pkeys = pk // max(len(keys), 1), pk % max(len(keys), 1)
+    upairs, start, cnt = np.unique(pairs, return_index=True, return_counts=True)
+    at = np.searchsorted(upairs, s_pair)
+    at_c = np.minimum(at, max(len(upairs) - 1, 0))
+    found = (at < len(upairs)) & (upairs[at_c] == s_pair) & (cnt[at_c] == 1)
+    cont = np.where(found, pkeys[start[at_c]], -1)
+    ndims = np.fromiter(map(len, coffs), dtype=np.int64, count=n)
+    nsz = np.fromiter(map(len, csizes), dtype=np.int64, count=n)
+    ok = found & np.asarray(off_ok, dtype=bool) & (ndims == nsz)
+    groups: dict[int, tuple[Any, Any, Any]] = {}
+    first = index.first
+    for d in np.unique(ndims[ok]).tolist():
+        pos = np.flatnonzero(ok & (ndims == d))
+        pl = pos.tolist()
+        o = np.array([coffs[j] for j in pl], dtype=np.int64).reshape(len(pl), d)
+        s = np.array([csizes[j] for j in pl], dtype=np.int64).reshape(len(pl), d)
+        ks = cont[pos]
+        uk, inv = np.unique(ks, return_inverse=True)
+        ko = np.zeros((len(uk), d), dtype=np.int64)
+        ksz = np.zeros((len(uk), d), dtype=np.int64)
+        good = np.ones(len(uk), dtype=bool)
+        for u, k in enumerate(uk.tolist()):
+            td = first[k].tensor_data
+            if td is None or td.chunk is None or len(td.chunk.offsets) != d or len(td.chunk.sizes) != d:
+                good[u] = False
+                continue
+            ko[u] = td.chunk.offsets
+            ksz[u] = td.chunk.sizes
+        sel = good[inv] & (ko[inv] <= o).all(axis=1) & (o + s <= ko[inv] + ksz[inv]).all(axis=1)
+        for j, k in zip(pos[sel].tolist(), ks[sel].tolist()):
+            fast[j] = k
+        groups[d] = (pos[sel], o[sel], s[sel])
+    sig_ok = [False] * n
+    fpos = [j for j in range(n) if fast[j] >= 0]
+    if fpos:
+        mine = list(map(_SIG, map(items.__getitem__, fpos)))
+        refs = list(map(_SIG, map(first.__getitem__, map(fast.__getitem__, fpos))))
+        for j, same in zip(fpos, map(operator.eq, mine, refs)):
+            sig_ok[j] = same
+    return fast, _SliceArrays(groups, sig_ok)
+
+
+def _fast_tilings(
+    index: PlanIndex, pieces: dict[int, list[int]], fast: list[int], arrays: _SliceArrays, count: Any
+) -> set[int]:
+    """The held chunks whose slices certainly tile them exactly (the rest take :func:`_check_tiling`).
+
+    Certainly: every slice came through the fast path, none changes dtype or
+    global size, the chunk is not also written whole, and the slices differ from
+    the chunk along one dimension only, where sorted by start they are
+    non-empty, do not overlap and their lengths add up to the chunk's.
+    """
+    import numpy as np
+
+    cands = [
+        k for k, got in pieces.items()
+        if not count[k] and all(fast[j] == k and arrays.sig_ok[j] for j in got)
+    ]
+    if not cands:
+        return set()
+    want = np.zeros(len(index), dtype=bool)
+    want[cands] = True
+    first = index.first
+    ok_keys: set[int] = set()
+    for d, (pos, o, s) in arrays.groups.items():
+        if not len(pos):
+            continue
+        ks = np.asarray([fast[j] for j in pos.tolist()], dtype=np.int64)
+        m = want[ks]
+        if not m.any():
+            continue
+        ks, o, s = ks[m], o[m], s[m]
+        uk, inv = np.unique(ks, return_inverse=True)
+        ko = np.array([first[k].tensor_data.chunk.offsets for k in uk.tolist()], dtype=np.int64).reshape(len(uk), d)
+        ksz = np.array([first[k].tensor_data.chunk.sizes for k in uk.tolist()], dtype=np.int64).reshape(len(uk), d)
+        differ = (o != ko[inv]) | (s != ksz[inv])  # (slices, dims)
+        vary = np.zeros((len(uk), d), dtype=bool)
+        np.logical_or.at(vary, inv, differ)
+        nvary = vary.sum(axis=1)
+        dim = vary.argmax(axis=1)
+        bad = nvary != 1
+        empty = np.zeros(len(uk), dtype=bool)
+        np.logical_or.at(empty, inv, (s <= 0).any(axis=1))
+        bad |= empty
+        sd = dim[inv]
+        rows = np.arange(len(inv))
+        lo = o[rows, sd]
+        ln = s[rows, sd]
+        order = np.lexsort((lo, inv))
+        g, lo, ln = inv[order], lo[order], ln[order]
+        if len(g) > 1:
+            same = g[1:] == g[:-1]
+            overlap = same & (lo[1:] < lo[:-1] + ln[:-1])
+            np.logical_or.at(bad, g[1:][overlap], True)
+        total = np.zeros(len(uk), dtype=np.int64)
+        np.add.at(total, g, ln)
+        bad |= total != ksz[np.arange(len(uk)), dim]
+        ok_keys.update(uk[~bad].tolist())
+    # every slice of a candidate came through the fast path, so it has the chunk's dimensions: one group
+    return ok_keys
 
 
 def _held_chunk_contains(held: WriteItem, ch: tuple[Any, Any]) -> bool:
