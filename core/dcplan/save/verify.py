@@ -204,16 +204,25 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
         out.add(f"the strategy returned {len(deduped)} plans for {world} ranks")
         deduped = deduped[:world]
     counts = [len(p.items) for p in deduped]
-    bounds = list(itertools.accumulate(counts, initial=0))
     items = list(itertools.chain.from_iterable(p.items for p in deduped))
-    ids = list(map(index.lookup.get, map(_KEY, items)))
+    # Items that are the held item objects themselves (index.first) are written whole, as held: found
+    # by identity with a map local to this call (the objects stay alive in the index meanwhile). Only
+    # the others take the (fqn, offset) lookup and a comparison with the held item.
+    first = index.first
+    by_id = dict(zip(map(id, first), range(n)))
+    ids: list[Any] = list(map(by_id.get, map(id, items)))
     slices: list[tuple[int, WriteItem, int | None]] = []  # (rank, item, candidate key)
-
-    def rank_at(pos: int) -> int:
-        return bisect_right(bounds, pos) - 1
-
-    whole_pos = _whole_positions(items, ids, index.first, slices, rank_at, out)
     ranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    if None in ids:
+        known = list(map(operator.is_not, ids, itertools.repeat(None)))
+        odd = list(itertools.compress(range(len(items)), map(operator.not_, known)))
+        for p, k in zip(odd, map(index.lookup.get, map(_KEY, map(items.__getitem__, odd)))):
+            ids[p] = k
+        whole_pos = list(itertools.compress(range(len(items)), known))
+        whole_pos.extend(_whole_positions(items, ids, odd, first, slices, ranks.tolist(), out))
+        whole_pos.sort()
+    else:
+        whole_pos = list(range(len(items)))
     if len(whole_pos) == len(ids):
         wids = np.array(ids, dtype=np.int64)
         wranks = ranks
@@ -261,54 +270,57 @@ _TENSOR = operator.attrgetter(
 def _whole_positions(
     items: Sequence[WriteItem],
     ids: list[Any],
+    where: list[int],
     first: Sequence[WriteItem],
     slices: list[Any],
-    rank_at: Any,
+    ranks: Sequence[int],
     out: Violations,
     block: int = 4096,
 ) -> list[int]:
-    """Positions of the items written whole; others go to ``slices`` (or are reported).
+    """Which of the positions ``where`` (ascending) hold items written whole; others go to ``slices``
+    (or are reported), in output order.
 
-    Blocks of tensor items whose chunk, dtype and size equal the held item's
-    (the common case) are decided with C-level maps, without a Python call per item.
+    Tensor items whose chunk, dtype and size equal the held item's (the common
+    case) are decided in blocks with C-level maps, without a Python call per
+    item; only the others (split slices, violations) take the per-item path.
     """
     keep: list[int] = []
-    for start in range(0, len(items), block):
-        seg = items[start : start + block]
-        sids = ids[start : start + block]
-        if None not in sids:
-            refs = list(map(first.__getitem__, sids))
-            if all(map(operator.is_, seg, refs)):
-                keep.extend(range(start, start + len(seg)))
-                continue
-            try:
-                same = list(map(operator.eq, map(_TENSOR, seg), map(_TENSOR, refs)))
-            except AttributeError:  # object items, or a tensor item without a chunk
-                same = None
-            if same is not None:
-                if all(same):
-                    keep.extend(range(start, start + len(seg)))
-                    continue
-                # a few differ (split slices, violations): only those take the per-item path
-                keep.extend(itertools.compress(range(start, start + len(seg)), same))
-                odd = [p for p, ok in enumerate(same) if not ok]
-                sub = _whole_slow([seg[p] for p in odd], [sids[p] for p in odd], first, slices,
-                                  lambda j, s=start, odd=odd: rank_at(s + odd[j]), out)
-                keep.extend(start + odd[j] for j in sub)
-                continue
-        keep.extend(start + p for p in _whole_slow(seg, sids, first, slices, lambda p, s=start: rank_at(s + p), out))
-    keep.sort()
+    odd: list[int] = []
+    for start in range(0, len(where), block):
+        pos = where[start : start + block]
+        sids = list(map(ids.__getitem__, pos))
+        if None in sids:  # keys no rank holds (split slices past the first, invented items)
+            known = list(map(operator.is_not, sids, itertools.repeat(None)))
+            odd.extend(itertools.compress(pos, map(operator.not_, known)))
+            pos = list(itertools.compress(pos, known))
+            sids = list(itertools.compress(sids, known))
+        if not pos:
+            continue
+        seg = list(map(items.__getitem__, pos))
+        refs = list(map(first.__getitem__, sids))
+        try:
+            same = list(map(operator.eq, map(_TENSOR, seg), map(_TENSOR, refs)))
+        except AttributeError:  # object items, or a tensor item without a chunk
+            odd.extend(pos)
+            continue
+        keep.extend(itertools.compress(pos, same))
+        odd.extend(itertools.compress(pos, map(operator.not_, same)))
+    if odd:
+        odd.sort()
+        keep.extend(_whole_slow(items, ids, odd, first, slices, ranks, out))
+        keep.sort()
     return keep
 
 
 def _whole_slow(
-    items: Sequence[WriteItem], ids: list[Any], first: Sequence[WriteItem], slices: list[Any], rank_at: Any,
-    out: Violations,
+    items: Sequence[WriteItem], ids: list[Any], odd: list[int], first: Sequence[WriteItem], slices: list[Any],
+    ranks: Sequence[int], out: Violations,
 ) -> list[int]:
     keep: list[int] = []
-    for p, (item, k) in enumerate(zip(items, ids)):
+    for p in odd:
+        item, k = items[p], ids[p]
         if k is None:
-            slices.append((rank_at(p), item, None))
+            slices.append((ranks[p], item, None))
             continue
         ref = first[k]
         if item is ref:
@@ -316,7 +328,7 @@ def _whole_slow(
             continue
         td, rtd = item.tensor_data, ref.tensor_data
         if (td is None) != (rtd is None):
-            out.add(f"rank {rank_at(p)} writes {_where(item.index.fqn, None)} as "
+            out.add(f"rank {ranks[p]} writes {_where(item.index.fqn, None)} as "
                     f"{'an object' if td is None else 'a tensor'}; it is held as "
                     f"{'an object' if rtd is None else 'a tensor'}")
             continue
@@ -326,10 +338,10 @@ def _whole_slow(
         if td.chunk is None or tuple(td.chunk.sizes) != tuple(rtd.chunk.sizes) or (
             tuple(td.chunk.offsets) != tuple(rtd.chunk.offsets)
         ):
-            slices.append((rank_at(p), item, k))
+            slices.append((ranks[p], item, k))
             continue
         if td.properties.dtype != rtd.properties.dtype or tuple(td.size) != tuple(rtd.size):
-            out.add(f"rank {rank_at(p)} writes {_where(item.index.fqn, None)} as {_describe(_signature(item))}; "
+            out.add(f"rank {ranks[p]} writes {_where(item.index.fqn, None)} as {_describe(_signature(item))}; "
                     f"it is held as {_describe(_signature(ref))}")
             continue
         keep.append(p)
@@ -504,8 +516,8 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[list[int], _S
     for d in np.unique(ndims[ok]).tolist():
         pos = np.flatnonzero(ok & (ndims == d))
         pl = pos.tolist()
-        o = np.array([coffs[j] for j in pl], dtype=np.int64).reshape(len(pl), d)
-        s = np.array([csizes[j] for j in pl], dtype=np.int64).reshape(len(pl), d)
+        o = _rows(map(coffs.__getitem__, pl), len(pl), d)
+        s = _rows(map(csizes.__getitem__, pl), len(pl), d)
         ks = cont[pos]
         uk, inv = np.unique(ks, return_inverse=True)
         ko = np.zeros((len(uk), d), dtype=np.int64)
@@ -530,6 +542,13 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[list[int], _S
         for j, same in zip(fpos, map(operator.eq, mine, refs)):
             sig_ok[j] = same
     return fast, _SliceArrays(groups, sig_ok)
+
+
+def _rows(rows: Any, n: int, d: int) -> Any:
+    """``n`` sequences of ``d`` ints as an (n, d) int64 array (one C-level pass)."""
+    import numpy as np
+
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=n * d).reshape(n, d)
 
 
 def _fast_tilings(
@@ -563,8 +582,9 @@ def _fast_tilings(
             continue
         ks, o, s = ks[m], o[m], s[m]
         uk, inv = np.unique(ks, return_inverse=True)
-        ko = np.array([first[k].tensor_data.chunk.offsets for k in uk.tolist()], dtype=np.int64).reshape(len(uk), d)
-        ksz = np.array([first[k].tensor_data.chunk.sizes for k in uk.tolist()], dtype=np.int64).reshape(len(uk), d)
+        held = list(map(_CHUNK, map(first.__getitem__, uk.tolist())))
+        ko = _rows(map(operator.itemgetter(0), held), len(uk), d)
+        ksz = _rows(map(operator.itemgetter(1), held), len(uk), d)
         differ = (o != ko[inv]) | (s != ksz[inv])  # (slices, dims)
         vary = np.zeros((len(uk), d), dtype=bool)
         np.logical_or.at(vary, inv, differ)
