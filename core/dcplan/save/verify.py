@@ -378,13 +378,24 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
     """
     if not slices:
         return set()
+    import numpy as np
+
     fast, arrays = _fast_containers(index, slices)
     by_fqn: dict[str, list[int]] | None = None
     pieces: dict[int, list[int]] = {}
     chunks: dict[int, tuple[Any, Any]] = {}  # slow-path slices: position -> (offsets, sizes) tuples
     holders, first = index.holders, index.first
-    for j, (rank, item, cand) in enumerate(slices):
-        k = fast[j]
+    if (fast >= 0).all():  # every slice certainly passes: group them by chunk, in order of first appearance
+        order = np.argsort(fast, kind="stable")
+        ks, starts = np.unique(fast[order], return_index=True)
+        groups = np.split(order, starts[1:])
+        for g in sorted(range(len(ks)), key=lambda i: int(groups[i][0])):
+            pieces[int(ks[g])] = groups[g].tolist()
+        todo: Any = ()
+    else:
+        todo = enumerate(slices)
+    for j, (rank, item, cand) in todo:
+        k = int(fast[j])
         if k >= 0:
             pieces.setdefault(k, []).append(j)
             continue
@@ -451,12 +462,12 @@ class _SliceArrays:
 
     __slots__ = ("groups", "sig_ok")
 
-    def __init__(self, groups: dict[int, tuple[Any, Any, Any]], sig_ok: list[bool]) -> None:
+    def __init__(self, groups: dict[int, tuple[Any, Any, Any]], sig_ok: Any) -> None:
         self.groups = groups  # ndim -> (slice positions, offsets (m, ndim), sizes (m, ndim))
         self.sig_ok = sig_ok  # per slice: dtype and global size equal the container's (fast slices only)
 
 
-def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[list[int], _SliceArrays | None]:
+def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[Any, _SliceArrays | None]:
     """Per slice, the held chunk (key id) it belongs to when it certainly passes the per-slice checks, else -1.
 
     Certainly passes: a tensor slice whose index offset equals its chunk offset
@@ -468,8 +479,8 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[list[int], _S
     import numpy as np
 
     n = len(slices)
-    fast = [-1] * n
-    items = [s[1] for s in slices]
+    fast = np.full(n, -1, dtype=np.int64)
+    items = list(map(operator.itemgetter(1), slices))
     try:
         info = list(map(_SLICE, items))
     except AttributeError:  # an object slice or a tensor without a chunk: a violation, worded by the slow path
@@ -484,7 +495,7 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[list[int], _S
     rep_of = np.zeros(index.world_size, dtype=np.int64)
     for rep, ranks in members.items():
         rep_of[list(ranks)] = rep
-    ranks_arr = np.fromiter((s[0] for s in slices), dtype=np.int64, count=n)
+    ranks_arr = np.fromiter(map(operator.itemgetter(0), slices), dtype=np.int64, count=n)
     if len(ranks_arr) and (ranks_arr.min() < 0 or ranks_arr.max() >= index.world_size):
         return fast, None
     s_rep = rep_of[ranks_arr]
@@ -531,16 +542,15 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[list[int], _S
             ko[u] = td.chunk.offsets
             ksz[u] = td.chunk.sizes
         sel = good[inv] & (ko[inv] <= o).all(axis=1) & (o + s <= ko[inv] + ksz[inv]).all(axis=1)
-        for j, k in zip(pos[sel].tolist(), ks[sel].tolist()):
-            fast[j] = k
+        fast[pos[sel]] = ks[sel]
         groups[d] = (pos[sel], o[sel], s[sel])
-    sig_ok = [False] * n
-    fpos = [j for j in range(n) if fast[j] >= 0]
-    if fpos:
-        mine = list(map(_SIG, map(items.__getitem__, fpos)))
-        refs = list(map(_SIG, map(first.__getitem__, map(fast.__getitem__, fpos))))
-        for j, same in zip(fpos, map(operator.eq, mine, refs)):
-            sig_ok[j] = same
+    sig_ok = np.zeros(n, dtype=bool)
+    fpos = np.flatnonzero(fast >= 0)
+    if len(fpos):
+        fl = fpos.tolist()
+        mine = list(map(_SIG, map(items.__getitem__, fl)))
+        refs = list(map(_SIG, map(first.__getitem__, fast[fpos].tolist())))
+        sig_ok[fpos] = np.fromiter(map(operator.eq, mine, refs), dtype=bool, count=len(fl))
     return fast, _SliceArrays(groups, sig_ok)
 
 
@@ -552,7 +562,7 @@ def _rows(rows: Any, n: int, d: int) -> Any:
 
 
 def _fast_tilings(
-    index: PlanIndex, pieces: dict[int, list[int]], fast: list[int], arrays: _SliceArrays, count: Any
+    index: PlanIndex, pieces: dict[int, list[int]], fast: Any, arrays: _SliceArrays, count: Any
 ) -> set[int]:
     """The held chunks whose slices certainly tile them exactly (the rest take :func:`_check_tiling`).
 
@@ -563,20 +573,26 @@ def _fast_tilings(
     """
     import numpy as np
 
-    cands = [
-        k for k, got in pieces.items()
-        if not count[k] and all(fast[j] == k and arrays.sig_ok[j] for j in got)
-    ]
-    if not cands:
-        return set()
+    # a chunk is a candidate when all its slices came through the fast path with the right dtype and size
+    # (slow-path slices have fast == -1) and it is not also written whole
+    nslow = np.zeros(len(index), dtype=np.int64)
+    slow_keys = [k for k, js in pieces.items() for j in js if fast[j] < 0] if (fast < 0).any() else []
+    if slow_keys:
+        np.add.at(nslow, slow_keys, 1)
+    fk = fast[fast >= 0]
+    bad = np.zeros(len(index), dtype=bool)
+    bad[fk[~arrays.sig_ok[fast >= 0]]] = True
     want = np.zeros(len(index), dtype=bool)
-    want[cands] = True
+    want[fk] = True
+    want &= ~bad & (nslow == 0) & (np.asarray(count) == 0)
+    if not want.any():
+        return set()
     first = index.first
     ok_keys: set[int] = set()
     for d, (pos, o, s) in arrays.groups.items():
         if not len(pos):
             continue
-        ks = np.asarray([fast[j] for j in pos.tolist()], dtype=np.int64)
+        ks = fast[pos]
         m = want[ks]
         if not m.any():
             continue
