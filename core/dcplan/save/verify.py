@@ -211,7 +211,7 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
     first = index.first
     by_id = dict(zip(map(id, first), range(n)))
     ids: list[Any] = list(map(by_id.get, map(id, items)))
-    slices: list[tuple[int, WriteItem, int | None]] = []  # (rank, item, candidate key)
+    slices: list[Any] = []  # (rank, item, candidate key or None), in output order
     ranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     if None in ids:
         known = list(map(operator.is_not, ids, itertools.repeat(None)))
@@ -219,8 +219,19 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
         for p, k in zip(odd, map(index.lookup.get, map(_KEY, map(items.__getitem__, odd)))):
             ids[p] = k
         whole_pos = list(itertools.compress(range(len(items)), known))
-        whole_pos.extend(_whole_positions(items, ids, odd, first, slices, ranks.tolist(), out))
+        ranks_l = ranks.tolist()
+        found: list[tuple[int, int, WriteItem, int]] = []  # (position, rank, item, candidate key)
+        unknown: list[int] = []  # positions of items whose key no rank holds: slices, or invented
+        whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out))
         whole_pos.sort()
+        if found:  # both kinds, in output order
+            found.extend(zip(unknown, map(ranks_l.__getitem__, unknown), map(items.__getitem__, unknown),
+                             itertools.repeat(None)))
+            found.sort(key=operator.itemgetter(0))
+            slices = [t[1:] for t in found]
+        else:
+            slices = list(zip(map(ranks_l.__getitem__, unknown), map(items.__getitem__, unknown),
+                              itertools.repeat(None)))
     else:
         whole_pos = list(range(len(items)))
     if len(whole_pos) == len(ids):
@@ -272,13 +283,15 @@ def _whole_positions(
     ids: list[Any],
     where: list[int],
     first: Sequence[WriteItem],
-    slices: list[Any],
+    found: list[Any],
+    unknown: list[int],
     ranks: Sequence[int],
     out: Violations,
     block: int = 4096,
 ) -> list[int]:
-    """Which of the positions ``where`` (ascending) hold items written whole; others go to ``slices``
-    (or are reported), in output order.
+    """Which of the positions ``where`` (ascending) hold items written whole. Items of a held key that
+    are not written as held go to ``found`` as ``(position, rank, item, key)`` (or are reported); the
+    positions of items whose key no rank holds go to ``unknown`` (ascending).
 
     Tensor items whose chunk, dtype and size equal the held item's (the common
     case) are decided in blocks with C-level maps, without a Python call per
@@ -291,7 +304,7 @@ def _whole_positions(
         sids = list(map(ids.__getitem__, pos))
         if None in sids:  # keys no rank holds (split slices past the first, invented items)
             known = list(map(operator.is_not, sids, itertools.repeat(None)))
-            odd.extend(itertools.compress(pos, map(operator.not_, known)))
+            unknown.extend(itertools.compress(pos, map(operator.not_, known)))
             pos = list(itertools.compress(pos, known))
             sids = list(itertools.compress(sids, known))
         if not pos:
@@ -307,21 +320,18 @@ def _whole_positions(
         odd.extend(itertools.compress(pos, map(operator.not_, same)))
     if odd:
         odd.sort()
-        keep.extend(_whole_slow(items, ids, odd, first, slices, ranks, out))
+        keep.extend(_whole_slow(items, ids, odd, first, found, ranks, out))
         keep.sort()
     return keep
 
 
 def _whole_slow(
-    items: Sequence[WriteItem], ids: list[Any], odd: list[int], first: Sequence[WriteItem], slices: list[Any],
+    items: Sequence[WriteItem], ids: list[Any], odd: list[int], first: Sequence[WriteItem], found: list[Any],
     ranks: Sequence[int], out: Violations,
 ) -> list[int]:
     keep: list[int] = []
     for p in odd:
         item, k = items[p], ids[p]
-        if k is None:
-            slices.append((ranks[p], item, None))
-            continue
         ref = first[k]
         if item is ref:
             keep.append(p)
@@ -338,7 +348,7 @@ def _whole_slow(
         if td.chunk is None or tuple(td.chunk.sizes) != tuple(rtd.chunk.sizes) or (
             tuple(td.chunk.offsets) != tuple(rtd.chunk.offsets)
         ):
-            slices.append((ranks[p], item, k))
+            found.append((p, ranks[p], item, k))
             continue
         if td.properties.dtype != rtd.properties.dtype or tuple(td.size) != tuple(rtd.size):
             out.add(f"rank {ranks[p]} writes {_where(item.index.fqn, None)} as {_describe(_signature(item))}; "
@@ -388,9 +398,10 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
     if (fast >= 0).all():  # every slice certainly passes: group them by chunk, in order of first appearance
         order = np.argsort(fast, kind="stable")
         ks, starts = np.unique(fast[order], return_index=True)
-        groups = np.split(order, starts[1:])
-        for g in sorted(range(len(ks)), key=lambda i: int(groups[i][0])):
-            pieces[int(ks[g])] = groups[g].tolist()
+        ends = np.append(starts[1:], len(order)).tolist()
+        ol = order.tolist()
+        for g in np.argsort(order[starts], kind="stable").tolist():  # a group's first position is its lowest
+            pieces[int(ks[g])] = ol[starts[g] : ends[g]]
         todo: Any = ()
     else:
         todo = enumerate(slices)
@@ -531,16 +542,7 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[Any, _SliceAr
         s = _rows(map(csizes.__getitem__, pl), len(pl), d)
         ks = cont[pos]
         uk, inv = np.unique(ks, return_inverse=True)
-        ko = np.zeros((len(uk), d), dtype=np.int64)
-        ksz = np.zeros((len(uk), d), dtype=np.int64)
-        good = np.ones(len(uk), dtype=bool)
-        for u, k in enumerate(uk.tolist()):
-            td = first[k].tensor_data
-            if td is None or td.chunk is None or len(td.chunk.offsets) != d or len(td.chunk.sizes) != d:
-                good[u] = False
-                continue
-            ko[u] = td.chunk.offsets
-            ksz[u] = td.chunk.sizes
+        ko, ksz, good = _held_chunks(first, uk.tolist(), d)
         sel = good[inv] & (ko[inv] <= o).all(axis=1) & (o + s <= ko[inv] + ksz[inv]).all(axis=1)
         fast[pos[sel]] = ks[sel]
         groups[d] = (pos[sel], o[sel], s[sel])
@@ -552,6 +554,28 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[Any, _SliceAr
         refs = list(map(_SIG, map(first.__getitem__, fast[fpos].tolist())))
         sig_ok[fpos] = np.fromiter(map(operator.eq, mine, refs), dtype=bool, count=len(fl))
     return fast, _SliceArrays(groups, sig_ok)
+
+
+def _held_chunks(first: Sequence[WriteItem], ks: list[int], d: int) -> tuple[Any, Any, Any]:
+    """The held chunks of keys ``ks`` as (offsets, sizes) arrays of ``d`` columns, and which are usable
+    (a tensor item with a chunk of ``d`` dimensions)."""
+    import numpy as np
+
+    try:
+        held = list(map(_CHUNK, map(first.__getitem__, ks)))
+        if all(len(o) == d and len(sz) == d for o, sz in held):
+            return (_rows(map(operator.itemgetter(0), held), len(ks), d),
+                    _rows(map(operator.itemgetter(1), held), len(ks), d), np.ones(len(ks), dtype=bool))
+    except AttributeError:  # an object, or a tensor item without a chunk
+        pass
+    ko = np.zeros((len(ks), d), dtype=np.int64)
+    ksz = np.zeros((len(ks), d), dtype=np.int64)
+    good = np.zeros(len(ks), dtype=bool)
+    for u, k in enumerate(ks):
+        td = first[k].tensor_data
+        if td is not None and td.chunk is not None and len(td.chunk.offsets) == d and len(td.chunk.sizes) == d:
+            ko[u], ksz[u], good[u] = tuple(td.chunk.offsets), tuple(td.chunk.sizes), True
+    return ko, ksz, good
 
 
 def _rows(rows: Any, n: int, d: int) -> Any:
@@ -598,9 +622,7 @@ def _fast_tilings(
             continue
         ks, o, s = ks[m], o[m], s[m]
         uk, inv = np.unique(ks, return_inverse=True)
-        held = list(map(_CHUNK, map(first.__getitem__, uk.tolist())))
-        ko = _rows(map(operator.itemgetter(0), held), len(uk), d)
-        ksz = _rows(map(operator.itemgetter(1), held), len(uk), d)
+        ko, ksz, _ = _held_chunks(first, uk.tolist(), d)  # all usable: the fast path checked them
         differ = (o != ko[inv]) | (s != ksz[inv])  # (slices, dims)
         vary = np.zeros((len(uk), d), dtype=bool)
         np.logical_or.at(vary, inv, differ)
