@@ -211,7 +211,7 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
     first = index.first
     by_id = dict(zip(map(id, first), range(n)))
     ids: list[Any] = list(map(by_id.get, map(id, items)))
-    slices: list[Any] = []  # (rank, item, candidate key or None), in output order
+    slices = _Slices([], np.zeros(0, dtype=np.int64), [])
     ranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     if None in ids:
         known = list(map(operator.is_not, ids, itertools.repeat(None)))
@@ -220,18 +220,13 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
             ids[p] = k
         whole_pos = list(itertools.compress(range(len(items)), known))
         ranks_l = ranks.tolist()
-        found: list[tuple[int, int, WriteItem, int]] = []  # (position, rank, item, candidate key)
+        found: list[int] = []  # positions of items of a held key, written as another chunk
         unknown: list[int] = []  # positions of items whose key no rank holds: slices, or invented
         whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out))
         whole_pos.sort()
-        if found:  # both kinds, in output order
-            found.extend(zip(unknown, map(ranks_l.__getitem__, unknown), map(items.__getitem__, unknown),
-                             itertools.repeat(None)))
-            found.sort(key=operator.itemgetter(0))
-            slices = [t[1:] for t in found]
-        else:
-            slices = list(zip(map(ranks_l.__getitem__, unknown), map(items.__getitem__, unknown),
-                              itertools.repeat(None)))
+        spos = sorted(found + unknown) if found else unknown  # in output order
+        slices = _Slices(list(map(items.__getitem__, spos)), ranks[np.asarray(spos, dtype=np.int64)],
+                         list(map(ids.__getitem__, spos)))
     else:
         whole_pos = list(range(len(items)))
     if len(whole_pos) == len(ids):
@@ -290,8 +285,8 @@ def _whole_positions(
     block: int = 4096,
 ) -> list[int]:
     """Which of the positions ``where`` (ascending) hold items written whole. Items of a held key that
-    are not written as held go to ``found`` as ``(position, rank, item, key)`` (or are reported); the
-    positions of items whose key no rank holds go to ``unknown`` (ascending).
+    are written as another chunk go to ``found`` (their positions; other differences are reported);
+    the positions of items whose key no rank holds go to ``unknown`` (ascending).
 
     Tensor items whose chunk, dtype and size equal the held item's (the common
     case) are decided in blocks with C-level maps, without a Python call per
@@ -312,12 +307,18 @@ def _whole_positions(
         seg = list(map(items.__getitem__, pos))
         refs = list(map(first.__getitem__, sids))
         try:
-            same = list(map(operator.eq, map(_TENSOR, seg), map(_TENSOR, refs)))
+            mine, held = list(map(_TENSOR, seg)), list(map(_TENSOR, refs))
         except AttributeError:  # object items, or a tensor item without a chunk
             odd.extend(pos)
             continue
+        same = list(map(operator.eq, mine, held))
         keep.extend(itertools.compress(pos, same))
-        odd.extend(itertools.compress(pos, map(operator.not_, same)))
+        for i in itertools.compress(range(len(pos)), map(operator.not_, same)):
+            a, b = mine[i], held[i]
+            if tuple(a[0]) != tuple(b[0]) or tuple(a[1]) != tuple(b[1]):  # another chunk: a slice
+                found.append(pos[i])
+            else:  # same chunk, other dtype or size: worded by the per-item path
+                odd.append(pos[i])
     if odd:
         odd.sort()
         keep.extend(_whole_slow(items, ids, odd, first, found, ranks, out))
@@ -348,7 +349,7 @@ def _whole_slow(
         if td.chunk is None or tuple(td.chunk.sizes) != tuple(rtd.chunk.sizes) or (
             tuple(td.chunk.offsets) != tuple(rtd.chunk.offsets)
         ):
-            found.append((p, ranks[p], item, k))
+            found.append(p)
             continue
         if td.properties.dtype != rtd.properties.dtype or tuple(td.size) != tuple(rtd.size):
             out.add(f"rank {ranks[p]} writes {_where(item.index.fqn, None)} as {_describe(_signature(item))}; "
@@ -377,7 +378,17 @@ def _inside(outer: Any, inner: tuple[Any, Any]) -> bool:
     )
 
 
-def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violations) -> set[int]:
+class _Slices:
+    """The written items that are not held items written whole, in output order: each one's item, rank
+    (an array) and candidate key (the held key with the same fqn and offset, or ``None``)."""
+
+    __slots__ = ("items", "ranks", "cands")
+
+    def __init__(self, items: list[WriteItem], ranks: Any, cands: list[int | None]) -> None:
+        self.items, self.ranks, self.cands = items, ranks, cands
+
+
+def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations) -> set[int]:
     """Slices: inside a chunk their rank holds, index offset = chunk offset, tiling it exactly.
 
     The slices that certainly pass the per-slice checks (the usual split slices)
@@ -386,7 +397,7 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
     other slice or chunk takes the exact per-item path, which also words the
     violations, so messages and their order do not depend on the fast path.
     """
-    if not slices:
+    if not slices.items:
         return set()
     import numpy as np
 
@@ -404,7 +415,7 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
             pieces[int(ks[g])] = ol[starts[g] : ends[g]]
         todo: Any = ()
     else:
-        todo = enumerate(slices)
+        todo = enumerate(zip(slices.ranks.tolist(), slices.items, slices.cands))
     for j, (rank, item, cand) in todo:
         k = int(fast[j])
         if k >= 0:
@@ -427,7 +438,7 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
             pieces.setdefault(cand, []).append(j)  # the usual split slice: its first piece
             continue
         if by_fqn is None:
-            by_fqn = _keys_by_fqn(index, {it.index.fqn for _, it, _ in slices})
+            by_fqn = _keys_by_fqn(index, {it.index.fqn for it in slices.items})
         if fqn not in by_fqn:
             out.add(f"rank {rank} writes {fqn!r}, which no rank holds (a strategy must not invent items)")
             continue
@@ -451,9 +462,9 @@ def _check_slices(index: PlanIndex, slices: list[Any], count: Any, out: Violatio
         for j in got:
             ch = chunks.get(j)
             if ch is None:
-                c = slices[j][1].tensor_data.chunk
+                c = slices.items[j].tensor_data.chunk
                 ch = (tuple(c.offsets), tuple(c.sizes))
-            full.append((slices[j][0], ch, slices[j][1].tensor_data))
+            full.append((int(slices.ranks[j]), ch, slices.items[j].tensor_data))
         _check_tiling(index, k, full, int(count[k]), out)
     return set(pieces)
 
@@ -478,7 +489,7 @@ class _SliceArrays:
         self.sig_ok = sig_ok  # per slice: dtype and global size equal the container's (fast slices only)
 
 
-def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[Any, _SliceArrays | None]:
+def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArrays | None]:
     """Per slice, the held chunk (key id) it belongs to when it certainly passes the per-slice checks, else -1.
 
     Certainly passes: a tensor slice whose index offset equals its chunk offset
@@ -489,9 +500,9 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[Any, _SliceAr
     """
     import numpy as np
 
-    n = len(slices)
+    items = slices.items
+    n = len(items)
     fast = np.full(n, -1, dtype=np.int64)
-    items = list(map(operator.itemgetter(1), slices))
     try:
         info = list(map(_SLICE, items))
     except AttributeError:  # an object slice or a tensor without a chunk: a violation, worded by the slow path
@@ -506,7 +517,7 @@ def _fast_containers(index: PlanIndex, slices: list[Any]) -> tuple[Any, _SliceAr
     rep_of = np.zeros(index.world_size, dtype=np.int64)
     for rep, ranks in members.items():
         rep_of[list(ranks)] = rep
-    ranks_arr = np.fromiter(map(operator.itemgetter(0), slices), dtype=np.int64, count=n)
+    ranks_arr = slices.ranks
     if len(ranks_arr) and (ranks_arr.min() < 0 or ranks_arr.max() >= index.world_size):
         return fast, None
     s_rep = rep_of[ranks_arr]
