@@ -313,12 +313,18 @@ def _whole_positions(
             continue
         same = list(map(operator.eq, mine, held))
         keep.extend(itertools.compress(pos, same))
-        for i in itertools.compress(range(len(pos)), map(operator.not_, same)):
-            a, b = mine[i], held[i]
-            if tuple(a[0]) != tuple(b[0]) or tuple(a[1]) != tuple(b[1]):  # another chunk: a slice
-                found.append(pos[i])
-            else:  # same chunk, other dtype or size: worded by the per-item path
-                odd.append(pos[i])
+        ns = list(itertools.compress(pos, map(operator.not_, same)))
+        if ns:
+            # another chunk (offsets and sizes as tuples, e.g. torch.Size): a slice; anything else
+            # (same chunk with another dtype or size, offsets as lists) is decided by the per-item path
+            a = list(itertools.compress(mine, map(operator.not_, same)))
+            b = list(itertools.compress(held, map(operator.not_, same)))
+            cols = [list(map(operator.itemgetter(c), x)) for x in (a, b) for c in (0, 1)]
+            tup = map(all, zip(*(map(isinstance, col, itertools.repeat(tuple)) for col in cols)))
+            moved = list(map(operator.and_, tup, map(operator.or_, map(operator.ne, cols[0], cols[2]),
+                                                   map(operator.ne, cols[1], cols[3]))))
+            found.extend(itertools.compress(ns, moved))
+            odd.extend(itertools.compress(ns, map(operator.not_, moved)))
     if odd:
         odd.sort()
         keep.extend(_whole_slow(items, ids, odd, first, found, ranks, out))
@@ -475,7 +481,10 @@ def _holds(holders: Sequence[int], rank: int) -> bool:
     return at >= 0 and holders[at] == rank
 
 
-_SLICE = operator.attrgetter("index.fqn", "index.offset", "tensor_data.chunk.offsets", "tensor_data.chunk.sizes")
+_SLICE = operator.attrgetter(
+    "index.fqn", "index.offset", "tensor_data.chunk.offsets", "tensor_data.chunk.sizes",
+    "tensor_data.properties.dtype", "tensor_data.size",
+)
 _SIG = operator.attrgetter("tensor_data.properties.dtype", "tensor_data.size")
 
 
@@ -484,8 +493,10 @@ class _SliceArrays:
 
     __slots__ = ("groups", "sig_ok")
 
-    def __init__(self, groups: dict[int, tuple[Any, Any, Any]], sig_ok: Any) -> None:
-        self.groups = groups  # ndim -> (slice positions, offsets (m, ndim), sizes (m, ndim))
+    def __init__(self, groups: dict[int, tuple[Any, ...]], sig_ok: Any) -> None:
+        # ndim -> (slice positions, offsets (m, ndim), sizes (m, ndim), their chunks' keys (sorted, unique),
+        # those chunks' offsets and sizes)
+        self.groups = groups
         self.sig_ok = sig_ok  # per slice: dtype and global size equal the container's (fast slices only)
 
 
@@ -507,7 +518,7 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
         info = list(map(_SLICE, items))
     except AttributeError:  # an object slice or a tensor without a chunk: a violation, worded by the slow path
         return fast, None
-    fqns, ioffs, coffs, csizes = zip(*info)
+    fqns, ioffs, coffs, csizes, dtypes, gsizes = zip(*info)
     off_ok = list(map(operator.eq, ioffs, coffs))
     code: dict[str, int] = {f: c for c, f in enumerate(dict.fromkeys(fqns))}
     ncode = len(code)
@@ -544,8 +555,9 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
     ndims = np.fromiter(map(len, coffs), dtype=np.int64, count=n)
     nsz = np.fromiter(map(len, csizes), dtype=np.int64, count=n)
     ok = found & np.asarray(off_ok, dtype=bool) & (ndims == nsz)
-    groups: dict[int, tuple[Any, Any, Any]] = {}
+    groups: dict[int, tuple[Any, ...]] = {}
     first = index.first
+    sig_ok = np.zeros(n, dtype=bool)
     for d in np.unique(ndims[ok]).tolist():
         pos = np.flatnonzero(ok & (ndims == d))
         pl = pos.tolist()
@@ -553,17 +565,17 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
         s = _rows(map(csizes.__getitem__, pl), len(pl), d)
         ks = cont[pos]
         uk, inv = np.unique(ks, return_inverse=True)
-        ko, ksz, good = _held_chunks(first, uk.tolist(), d)
+        ukl = uk.tolist()
+        ko, ksz, good = _held_chunks(first, ukl, d)
         sel = good[inv] & (ko[inv] <= o).all(axis=1) & (o + s <= ko[inv] + ksz[inv]).all(axis=1)
         fast[pos[sel]] = ks[sel]
-        groups[d] = (pos[sel], o[sel], s[sel])
-    sig_ok = np.zeros(n, dtype=bool)
-    fpos = np.flatnonzero(fast >= 0)
-    if len(fpos):
-        fl = fpos.tolist()
-        mine = list(map(_SIG, map(items.__getitem__, fl)))
-        refs = list(map(_SIG, map(first.__getitem__, fast[fpos].tolist())))
-        sig_ok[fpos] = np.fromiter(map(operator.eq, mine, refs), dtype=bool, count=len(fl))
+        groups[d] = (pos[sel], o[sel], s[sel], uk, ko, ksz)
+        # dtype and global size: each slice's against its chunk's (read once per chunk)
+        if good.all():
+            rsig = list(map(_SIG, map(first.__getitem__, ukl)))
+            mine = zip(map(dtypes.__getitem__, pl), map(gsizes.__getitem__, pl))
+            same = np.fromiter(map(operator.eq, mine, map(rsig.__getitem__, inv.tolist())), dtype=bool, count=len(pl))
+            sig_ok[pos] = same & sel
     return fast, _SliceArrays(groups, sig_ok)
 
 
@@ -622,9 +634,8 @@ def _fast_tilings(
     want &= ~bad & (nslow == 0) & (np.asarray(count) == 0)
     if not want.any():
         return set()
-    first = index.first
     ok_keys: set[int] = set()
-    for d, (pos, o, s) in arrays.groups.items():
+    for d, (pos, o, s, gk, gko, gksz) in arrays.groups.items():
         if not len(pos):
             continue
         ks = fast[pos]
@@ -633,7 +644,8 @@ def _fast_tilings(
             continue
         ks, o, s = ks[m], o[m], s[m]
         uk, inv = np.unique(ks, return_inverse=True)
-        ko, ksz, _ = _held_chunks(first, uk.tolist(), d)  # all usable: the fast path checked them
+        row = np.searchsorted(gk, uk)  # the chunks as the fast path read them
+        ko, ksz = gko[row], gksz[row]
         differ = (o != ko[inv]) | (s != ksz[inv])  # (slices, dims)
         vary = np.zeros((len(uk), d), dtype=bool)
         np.logical_or.at(vary, inv, differ)
