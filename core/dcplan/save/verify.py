@@ -216,8 +216,12 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
     if None in ids:
         known = list(map(operator.is_not, ids, itertools.repeat(None)))
         odd = list(itertools.compress(range(len(items)), map(operator.not_, known)))
-        for p, k in zip(odd, map(index.lookup.get, map(_KEY, map(items.__getitem__, odd)))):
-            ids[p] = k
+        looked = list(map(index.lookup.get, map(_KEY, map(items.__getitem__, odd))))
+        if len(odd) == len(items):
+            ids = looked
+        else:
+            for p, k in zip(odd, looked):
+                ids[p] = k
         whole_pos = list(itertools.compress(range(len(items)), known))
         ranks_l = ranks.tolist()
         found: list[int] = []  # positions of items of a held key, written as another chunk
@@ -242,6 +246,45 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
     return out
 
 
+# Sort-based uniques: numpy 2.x's np.unique takes a hash path that is much slower on these small arrays.
+def _unique(a: Any) -> Any:
+    """The sorted distinct values of an int array."""
+    import numpy as np
+
+    s = np.sort(a)
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
+def _unique_starts(s: Any) -> tuple[Any, Any]:
+    """For a *sorted* int array: its distinct values and the index of each one's first occurrence."""
+    import numpy as np
+
+    keep = np.ones(len(s), dtype=bool)
+    if len(s) > 1:
+        np.not_equal(s[1:], s[:-1], out=keep[1:])
+    starts = np.flatnonzero(keep)
+    return s[starts], starts
+
+
+def _unique_inverse(a: Any) -> tuple[Any, Any]:
+    """The sorted distinct values of an int array and, per element, the index of its value among them."""
+    import numpy as np
+
+    order = np.argsort(a, kind="stable")
+    u, starts = _unique_starts(a[order])
+    group = np.zeros(len(a), dtype=np.int64)
+    if len(a):
+        mark = np.zeros(len(a), dtype=np.int64)
+        mark[starts[1:]] = 1
+        group[order] = np.cumsum(mark)
+    return u, group
+
+
 def _check_holders(index: PlanIndex, wids: Any, wranks: Any, out: Violations) -> None:
     """Each (rank, key) written is held: a search in the sorted (distinct plan, key) pairs."""
     import numpy as np
@@ -253,7 +296,7 @@ def _check_holders(index: PlanIndex, wids: Any, wranks: Any, out: Violations) ->
     rep_of = np.zeros(index.world_size, dtype=np.int64)
     for rep, ranks in members.items():
         rep_of[list(ranks)] = rep
-    held = np.unique(np.concatenate([rep * n + index.plan_ids(rep) for rep in members] or [np.zeros(0, np.int64)]))
+    held = _unique(np.concatenate([rep * n + index.plan_ids(rep) for rep in members] or [np.zeros(0, np.int64)]))
     query = rep_of[wranks] * n + wids
     at = np.searchsorted(held, query)
     ok = (at < len(held)) & (held[np.minimum(at, max(len(held) - 1, 0))] == query) if len(held) else query < 0
@@ -414,7 +457,7 @@ def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations
     holders, first = index.holders, index.first
     if (fast >= 0).all():  # every slice certainly passes: group them by chunk, in order of first appearance
         order = np.argsort(fast, kind="stable")
-        ks, starts = np.unique(fast[order], return_index=True)
+        ks, starts = _unique_starts(fast[order])
         ends = np.append(starts[1:], len(order)).tolist()
         ol = order.tolist()
         for g in np.argsort(order[starts], kind="stable").tolist():  # a group's first position is its lowest
@@ -535,7 +578,7 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
     s_pair = s_rep * ncode + np.fromiter(map(code.__getitem__, fqns), dtype=np.int64, count=n)
     # (distinct plan, fqn) -> the keys of that fqn the plan holds
     pair_parts, key_parts = [], []
-    for rep in np.unique(s_rep).tolist():
+    for rep in _unique(s_rep).tolist():
         ids = index.plan_ids(rep)
         c = key_code[ids]
         m = c >= 0
@@ -543,11 +586,12 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
         key_parts.append(ids[m])
     if not pair_parts:
         return fast, None
-    pk = np.unique(np.concatenate(pair_parts) * max(len(keys), 1) + np.concatenate(key_parts))
+    pk = _unique(np.concatenate(pair_parts) * max(len(keys), 1) + np.concatenate(key_parts))
     if not len(pk):  # no involved plan holds any of the slices' fqns: all violations
         return fast, None
     pairs, pkeys = pk // max(len(keys), 1), pk % max(len(keys), 1)
-    upairs, start, cnt = np.unique(pairs, return_index=True, return_counts=True)
+    upairs, start = _unique_starts(pairs)  # pairs is sorted: start is the index of each pair's first
+    cnt = np.diff(np.append(start, len(pairs)))
     at = np.searchsorted(upairs, s_pair)
     at_c = np.minimum(at, max(len(upairs) - 1, 0))
     found = (at < len(upairs)) & (upairs[at_c] == s_pair) & (cnt[at_c] == 1)
@@ -558,13 +602,13 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
     groups: dict[int, tuple[Any, ...]] = {}
     first = index.first
     sig_ok = np.zeros(n, dtype=bool)
-    for d in np.unique(ndims[ok]).tolist():
+    for d in _unique(ndims[ok]).tolist():
         pos = np.flatnonzero(ok & (ndims == d))
         pl = pos.tolist()
         o = _rows(map(coffs.__getitem__, pl), len(pl), d)
         s = _rows(map(csizes.__getitem__, pl), len(pl), d)
         ks = cont[pos]
-        uk, inv = np.unique(ks, return_inverse=True)
+        uk, inv = _unique_inverse(ks)
         ukl = uk.tolist()
         ko, ksz, good = _held_chunks(first, ukl, d)
         sel = good[inv] & (ko[inv] <= o).all(axis=1) & (o + s <= ko[inv] + ksz[inv]).all(axis=1)
@@ -586,9 +630,9 @@ def _held_chunks(first: Sequence[WriteItem], ks: list[int], d: int) -> tuple[Any
 
     try:
         held = list(map(_CHUNK, map(first.__getitem__, ks)))
-        if all(len(o) == d and len(sz) == d for o, sz in held):
-            return (_rows(map(operator.itemgetter(0), held), len(ks), d),
-                    _rows(map(operator.itemgetter(1), held), len(ks), d), np.ones(len(ks), dtype=bool))
+        offs, sizes = list(map(operator.itemgetter(0), held)), list(map(operator.itemgetter(1), held))
+        if set(map(len, offs)) | set(map(len, sizes)) <= {d}:
+            return _rows(offs, len(ks), d), _rows(sizes, len(ks), d), np.ones(len(ks), dtype=bool)
     except AttributeError:  # an object, or a tensor item without a chunk
         pass
     ko = np.zeros((len(ks), d), dtype=np.int64)
@@ -643,7 +687,7 @@ def _fast_tilings(
         if not m.any():
             continue
         ks, o, s = ks[m], o[m], s[m]
-        uk, inv = np.unique(ks, return_inverse=True)
+        uk, inv = _unique_inverse(ks)
         row = np.searchsorted(gk, uk)  # the chunks as the fast path read them
         ko, ksz = gko[row], gksz[row]
         differ = (o != ko[inv]) | (s != ksz[inv])  # (slices, dims)
