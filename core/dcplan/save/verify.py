@@ -211,7 +211,7 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
     first = index.first
     by_id = dict(zip(map(id, first), range(n)))
     ids: list[Any] = list(map(by_id.get, map(id, items)))
-    slices = _Slices([], np.zeros(0, dtype=np.int64), [])
+    slices = _Slices([], np.zeros(0, dtype=np.int64), [], {})
     ranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     if None in ids:
         known = list(map(operator.is_not, ids, itertools.repeat(None)))
@@ -226,11 +226,12 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
         ranks_l = ranks.tolist()
         found: list[int] = []  # positions of items of a held key, written as another chunk
         unknown: list[int] = []  # positions of items whose key no rank holds: slices, or invented
-        whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out))
+        held: dict[int, tuple[Any, ...]] = {}  # key -> _TENSOR fields of its held item, once read
+        whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out, held))
         whole_pos.sort()
         spos = sorted(found + unknown) if found else unknown  # in output order
         slices = _Slices(list(map(items.__getitem__, spos)), ranks[np.asarray(spos, dtype=np.int64)],
-                         list(map(ids.__getitem__, spos)))
+                         list(map(ids.__getitem__, spos)), held)
     else:
         whole_pos = list(range(len(items)))
     if len(whole_pos) == len(ids):
@@ -325,11 +326,13 @@ def _whole_positions(
     unknown: list[int],
     ranks: Sequence[int],
     out: Violations,
+    held_fields: dict[int, tuple[Any, ...]],
     block: int = 4096,
 ) -> list[int]:
     """Which of the positions ``where`` (ascending) hold items written whole. Items of a held key that
     are written as another chunk go to ``found`` (their positions; other differences are reported);
     the positions of items whose key no rank holds go to ``unknown`` (ascending).
+    The fields read from held items go to ``held_fields`` (key -> :data:`_TENSOR` fields).
 
     Tensor items whose chunk, dtype and size equal the held item's (the common
     case) are decided in blocks with C-level maps, without a Python call per
@@ -354,6 +357,7 @@ def _whole_positions(
         except AttributeError:  # object items, or a tensor item without a chunk
             odd.extend(pos)
             continue
+        held_fields.update(zip(sids, held))
         same = list(map(operator.eq, mine, held))
         keep.extend(itertools.compress(pos, same))
         ns = list(itertools.compress(pos, map(operator.not_, same)))
@@ -429,12 +433,16 @@ def _inside(outer: Any, inner: tuple[Any, Any]) -> bool:
 
 class _Slices:
     """The written items that are not held items written whole, in output order: each one's item, rank
-    (an array) and candidate key (the held key with the same fqn and offset, or ``None``)."""
+    (an array) and candidate key (the held key with the same fqn and offset, or ``None``); and the
+    held items' fields already read, so that no held item is read twice."""
 
-    __slots__ = ("items", "ranks", "cands")
+    __slots__ = ("items", "ranks", "cands", "held")
 
-    def __init__(self, items: list[WriteItem], ranks: Any, cands: list[int | None]) -> None:
+    def __init__(
+        self, items: list[WriteItem], ranks: Any, cands: list[int | None], held: dict[int, tuple[Any, ...]]
+    ) -> None:
         self.items, self.ranks, self.cands = items, ranks, cands
+        self.held = held  # key -> _TENSOR fields of its held item, for those already read
 
 
 def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations) -> set[int]:
@@ -610,29 +618,38 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
         ks = cont[pos]
         uk, inv = _unique_inverse(ks)
         ukl = uk.tolist()
-        ko, ksz, good = _held_chunks(first, ukl, d)
+        ko, ksz, good, rsig = _held_chunks(first, ukl, d, slices.held)
         sel = good[inv] & (ko[inv] <= o).all(axis=1) & (o + s <= ko[inv] + ksz[inv]).all(axis=1)
         fast[pos[sel]] = ks[sel]
         groups[d] = (pos[sel], o[sel], s[sel], uk, ko, ksz)
         # dtype and global size: each slice's against its chunk's (read once per chunk)
-        if good.all():
-            rsig = list(map(_SIG, map(first.__getitem__, ukl)))
+        if rsig is not None:
             mine = zip(map(dtypes.__getitem__, pl), map(gsizes.__getitem__, pl))
             same = np.fromiter(map(operator.eq, mine, map(rsig.__getitem__, inv.tolist())), dtype=bool, count=len(pl))
             sig_ok[pos] = same & sel
     return fast, _SliceArrays(groups, sig_ok)
 
 
-def _held_chunks(first: Sequence[WriteItem], ks: list[int], d: int) -> tuple[Any, Any, Any]:
-    """The held chunks of keys ``ks`` as (offsets, sizes) arrays of ``d`` columns, and which are usable
-    (a tensor item with a chunk of ``d`` dimensions)."""
+def _held_chunks(
+    first: Sequence[WriteItem], ks: list[int], d: int, known: dict[int, tuple[Any, ...]]
+) -> tuple[Any, Any, Any, list[Any] | None]:
+    """The held chunks of keys ``ks`` as (offsets, sizes) arrays of ``d`` columns, which are usable
+    (a tensor item with a chunk of ``d`` dimensions) and, when all are, each one's (dtype, global size).
+
+    ``known`` holds the :data:`_TENSOR` fields of held items already read (by :func:`_whole_positions`);
+    the others are read here and added.
+    """
     import numpy as np
 
     try:
-        held = list(map(_CHUNK, map(first.__getitem__, ks)))
+        missing = list(itertools.filterfalse(known.__contains__, ks))
+        if missing:
+            known.update(zip(missing, map(_TENSOR, map(first.__getitem__, missing))))
+        held = list(map(known.__getitem__, ks))
         offs, sizes = list(map(operator.itemgetter(0), held)), list(map(operator.itemgetter(1), held))
         if set(map(len, offs)) | set(map(len, sizes)) <= {d}:
-            return _rows(offs, len(ks), d), _rows(sizes, len(ks), d), np.ones(len(ks), dtype=bool)
+            return (_rows(offs, len(ks), d), _rows(sizes, len(ks), d), np.ones(len(ks), dtype=bool),
+                    list(map(operator.itemgetter(2, 3), held)))
     except AttributeError:  # an object, or a tensor item without a chunk
         pass
     ko = np.zeros((len(ks), d), dtype=np.int64)
@@ -642,7 +659,7 @@ def _held_chunks(first: Sequence[WriteItem], ks: list[int], d: int) -> tuple[Any
         td = first[k].tensor_data
         if td is not None and td.chunk is not None and len(td.chunk.offsets) == d and len(td.chunk.sizes) == d:
             ko[u], ksz[u], good[u] = tuple(td.chunk.offsets), tuple(td.chunk.sizes), True
-    return ko, ksz, good
+    return ko, ksz, good, None
 
 
 def _rows(rows: Any, n: int, d: int) -> Any:
