@@ -187,8 +187,14 @@ def _ranks(ranks: Sequence[int]) -> str:
 
 
 # ------------------------------------------------------------------ after dedup
-def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = SHOWN) -> Violations:
+def find_violations(
+    index: PlanIndex, deduped: Sequence[SavePlan], keep: int = SHOWN, *, fast: bool = True
+) -> Violations:
     """Every way ``deduped`` breaks the strategy contract with respect to ``index`` (see module doc).
+
+    ``fast=False`` takes the exact per-item path for every item that is not a
+    held item object written whole (the fast paths only decide the items that
+    certainly pass and must not change any verdict or message: the tests compare both).
 
     All ranks' outputs are checked at once: one C-level key lookup per written
     item, and one numpy search of (distinct plan, key) pairs for the holders.
@@ -210,7 +216,7 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
     # the others take the (fqn, offset) lookup and a comparison with the held item.
     first = index.first
     by_id = dict(zip(map(id, first), range(n)))
-    ids: list[Any] = list(map(by_id.get, map(id, items)))
+    ids: list[Any] = list(map(by_id.get, map(id, items))) if fast else [None] * len(items)
     slices = _Slices([], np.zeros(0, dtype=np.int64), [], {})
     ranks = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     if None in ids:
@@ -227,7 +233,13 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
         found: list[int] = []  # positions of items of a held key, written as another chunk
         unknown: list[int] = []  # positions of items whose key no rank holds: slices, or invented
         held: dict[int, tuple[Any, ...]] = {}  # key -> _TENSOR fields of its held item, once read
-        whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out, held))
+        if fast:
+            whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out, held))
+        else:
+            unknown = list(itertools.compress(odd, map(operator.is_, map(ids.__getitem__, odd), itertools.repeat(None))))
+            known_odd = list(itertools.compress(odd, map(operator.is_not, map(ids.__getitem__, odd),
+                                                         itertools.repeat(None))))
+            whole_pos.extend(_whole_slow(items, ids, known_odd, first, found, ranks_l, out))
         whole_pos.sort()
         spos = sorted(found + unknown) if found else unknown  # in output order
         slices = _Slices(list(map(items.__getitem__, spos)), ranks[np.asarray(spos, dtype=np.int64)],
@@ -242,7 +254,7 @@ def find_violations(index: PlanIndex, deduped: Sequence[SavePlan], keep: int = S
         wranks = ranks[np.asarray(whole_pos, dtype=np.int64)]
     _check_holders(index, wids, wranks, out)
     count = np.bincount(wids, minlength=n) if len(wids) else np.zeros(n, dtype=np.int64)
-    sliced = _check_slices(index, slices, count, out)
+    sliced = _check_slices(index, slices, count, out, fast)
     _check_counts(index, deduped, count, sliced, out)
     return out
 
@@ -445,7 +457,7 @@ class _Slices:
         self.held = held  # key -> _TENSOR fields of its held item, for those already read
 
 
-def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations) -> set[int]:
+def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations, fast_path: bool = True) -> set[int]:
     """Slices: inside a chunk their rank holds, index offset = chunk offset, tiling it exactly.
 
     The slices that certainly pass the per-slice checks (the usual split slices)
@@ -458,7 +470,10 @@ def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations
         return set()
     import numpy as np
 
-    fast, arrays = _fast_containers(index, slices)
+    if fast_path:
+        fast, arrays = _fast_containers(index, slices)
+    else:
+        fast, arrays = np.full(len(slices.items), -1, dtype=np.int64), None
     by_fqn: dict[str, list[int]] | None = None
     pieces: dict[int, list[int]] = {}
     chunks: dict[int, tuple[Any, Any]] = {}  # slow-path slices: position -> (offsets, sizes) tuples
