@@ -222,7 +222,15 @@ def find_violations(
     if None in ids:
         known = list(map(operator.is_not, ids, itertools.repeat(None)))
         odd = list(itertools.compress(range(len(items)), map(operator.not_, known)))
-        looked = list(map(index.lookup.get, map(_KEY, map(items.__getitem__, odd))))
+        # the fields of the other items, read once for the lookup, the whole-item test and the slice checks
+        # (``None`` when some item lacks one: an object, or a tensor without a chunk)
+        info: dict[int, tuple[Any, ...]] | None
+        try:
+            info = dict(zip(odd, map(_SLICE, map(items.__getitem__, odd))))
+            looked = list(map(index.lookup.get, map(_FQN_OFFSET, info.values())))
+        except AttributeError:
+            info = None
+            looked = list(map(index.lookup.get, map(_KEY, map(items.__getitem__, odd))))
         if len(odd) == len(items):
             ids = looked
         else:
@@ -234,7 +242,7 @@ def find_violations(
         unknown: list[int] = []  # positions of items whose key no rank holds: slices, or invented
         held: dict[int, tuple[Any, ...]] = {}  # key -> _TENSOR fields of its held item, once read
         if fast:
-            whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out, held))
+            whole_pos.extend(_whole_positions(items, ids, odd, first, found, unknown, ranks_l, out, held, info))
         else:
             unknown = list(itertools.compress(odd, map(operator.is_, map(ids.__getitem__, odd), itertools.repeat(None))))
             known_odd = list(itertools.compress(odd, map(operator.is_not, map(ids.__getitem__, odd),
@@ -243,7 +251,8 @@ def find_violations(
         whole_pos.sort()
         spos = sorted(found + unknown) if found else unknown  # in output order
         slices = _Slices(list(map(items.__getitem__, spos)), ranks[np.asarray(spos, dtype=np.int64)],
-                         list(map(ids.__getitem__, spos)), held)
+                         list(map(ids.__getitem__, spos)), held,
+                         None if info is None else list(map(info.__getitem__, spos)))
     else:
         whole_pos = list(range(len(items)))
     if len(whole_pos) == len(ids):
@@ -339,12 +348,14 @@ def _whole_positions(
     ranks: Sequence[int],
     out: Violations,
     held_fields: dict[int, tuple[Any, ...]],
+    info: dict[int, tuple[Any, ...]] | None = None,
     block: int = 4096,
 ) -> list[int]:
     """Which of the positions ``where`` (ascending) hold items written whole. Items of a held key that
     are written as another chunk go to ``found`` (their positions; other differences are reported);
     the positions of items whose key no rank holds go to ``unknown`` (ascending).
-    The fields read from held items go to ``held_fields`` (key -> :data:`_TENSOR` fields).
+    The fields read from held items go to ``held_fields`` (key -> :data:`_TENSOR` fields); ``info``
+    has the :data:`_SLICE` fields of the items at ``where`` when all have them.
 
     Tensor items whose chunk, dtype and size equal the held item's (the common
     case) are decided in blocks with C-level maps, without a Python call per
@@ -365,7 +376,9 @@ def _whole_positions(
         seg = list(map(items.__getitem__, pos))
         refs = list(map(first.__getitem__, sids))
         try:
-            mine, held = list(map(_TENSOR, seg)), list(map(_TENSOR, refs))
+            mine = list(map(_TENSOR_OF_SLICE, map(info.__getitem__, pos))) if info is not None else list(
+                map(_TENSOR, seg))
+            held = list(map(_TENSOR, refs))
         except AttributeError:  # object items, or a tensor item without a chunk
             odd.extend(pos)
             continue
@@ -448,12 +461,14 @@ class _Slices:
     (an array) and candidate key (the held key with the same fqn and offset, or ``None``); and the
     held items' fields already read, so that no held item is read twice."""
 
-    __slots__ = ("items", "ranks", "cands", "held")
+    __slots__ = ("items", "ranks", "cands", "held", "info")
 
     def __init__(
-        self, items: list[WriteItem], ranks: Any, cands: list[int | None], held: dict[int, tuple[Any, ...]]
+        self, items: list[WriteItem], ranks: Any, cands: list[int | None], held: dict[int, tuple[Any, ...]],
+        info: list[tuple[Any, ...]] | None = None,
     ) -> None:
         self.items, self.ranks, self.cands = items, ranks, cands
+        self.info = info  # the items' _SLICE fields, when already read
         self.held = held  # key -> _TENSOR fields of its held item, for those already read
 
 
@@ -551,6 +566,8 @@ _SLICE = operator.attrgetter(
     "index.fqn", "index.offset", "tensor_data.chunk.offsets", "tensor_data.chunk.sizes",
     "tensor_data.properties.dtype", "tensor_data.size",
 )
+_FQN_OFFSET = operator.itemgetter(0, 1)  # of _SLICE fields: the index key
+_TENSOR_OF_SLICE = operator.itemgetter(2, 3, 4, 5)  # of _SLICE fields: the _TENSOR fields
 _SIG = operator.attrgetter("tensor_data.properties.dtype", "tensor_data.size")
 
 
@@ -581,7 +598,7 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
     n = len(items)
     fast = np.full(n, -1, dtype=np.int64)
     try:
-        info = list(map(_SLICE, items))
+        info = slices.info if slices.info is not None else list(map(_SLICE, items))
     except AttributeError:  # an object slice or a tensor without a chunk: a violation, worded by the slow path
         return fast, None
     fqns, ioffs, coffs, csizes, dtypes, gsizes = zip(*info)
