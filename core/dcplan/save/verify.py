@@ -209,8 +209,8 @@ def find_violations(
     if len(deduped) > world:
         out.add(f"the strategy returned {len(deduped)} plans for {world} ranks")
         deduped = deduped[:world]
-    counts = [len(p.items) for p in deduped]
-    items = list(itertools.chain.from_iterable(p.items for p in deduped))
+    counts = list(map(len, map(_ITEMS, deduped)))
+    items = list(itertools.chain.from_iterable(map(_ITEMS, deduped)))
     # Items that are the held item objects themselves (index.first) are written whole, as held: found
     # by identity with a map local to this call (the objects stay alive in the index meanwhile). Only
     # the others take the (fqn, offset) lookup and a comparison with the held item.
@@ -497,9 +497,9 @@ def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations
         order = np.argsort(fast, kind="stable")
         ks, starts = _unique_starts(fast[order])
         ends = np.append(starts[1:], len(order)).tolist()
-        ol = order.tolist()
+        ol, kl, sl = order.tolist(), ks.tolist(), starts.tolist()
         for g in np.argsort(order[starts], kind="stable").tolist():  # a group's first position is its lowest
-            pieces[int(ks[g])] = ol[starts[g] : ends[g]]
+            pieces[kl[g]] = ol[sl[g] : ends[g]]
         todo: Any = ()
     else:
         todo = enumerate(zip(slices.ranks.tolist(), slices.items, slices.cands))
@@ -566,6 +566,7 @@ _SLICE = operator.attrgetter(
     "index.fqn", "index.offset", "tensor_data.chunk.offsets", "tensor_data.chunk.sizes",
     "tensor_data.properties.dtype", "tensor_data.size",
 )
+_ITEMS = operator.attrgetter("items")
 _FQN_OFFSET = operator.itemgetter(0, 1)  # of _SLICE fields: the index key
 _TENSOR_OF_SLICE = operator.itemgetter(2, 3, 4, 5)  # of _SLICE fields: the _TENSOR fields
 _SIG = operator.attrgetter("tensor_data.properties.dtype", "tensor_data.size")
@@ -606,7 +607,11 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
     code: dict[str, int] = {f: c for c, f in enumerate(dict.fromkeys(fqns))}
     ncode = len(code)
     keys = index.keys
-    key_code = np.fromiter(map(code.get, map(_FQN, keys), itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+    # each held key's fqn code (-1: no slice has its fqn), from the index's (fqn, offset) -> key map
+    key_code = np.full(len(keys), -1, dtype=np.int64)
+    lookup = index.lookup
+    key_code[np.fromiter(lookup.values(), dtype=np.int64, count=len(lookup))] = np.fromiter(
+        map(code.get, map(operator.itemgetter(0), lookup), itertools.repeat(-1)), dtype=np.int64, count=len(lookup))
     members = index.members()
     rep_of = np.zeros(index.world_size, dtype=np.int64)
     for rep, ranks in members.items():
