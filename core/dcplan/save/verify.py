@@ -234,8 +234,8 @@ def find_violations(
         if len(odd) == len(items):
             ids = looked
         else:
-            for p, k in zip(odd, looked):
-                ids[p] = k
+            fill = dict(zip(odd, looked))
+            ids = list(map(fill.get, range(len(items)), ids))  # the looked-up id at odd positions
         whole_pos = list(itertools.compress(range(len(items)), known))
         ranks_l = ranks.tolist()
         found: list[int] = []  # positions of items of a held key, written as another chunk
