@@ -13,8 +13,10 @@ For each workload and each strategy (``size_balanced``, the default, and
   (before dedup) and :func:`dcplan.save.verify.verify_dedup` (after dedup), with
   the same index the step builds.
 
-Target (issue 13): verification <= 10 % of the coordinator step at 2M plan entries.
-Times are the best of ``--repeat`` runs.
+Target (issue 13): verification <= 10 % of the coordinator step at 2M plan entries
+(PASS/MISS on the 4.8M-entry workloads; the 1.5M one is reported as INFO). Times are
+the best of ``--repeat`` runs, on plans whose ranks share item objects as in
+:mod:`dcplan.workloads` (see the README's caveats).
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ def bench(wl: Any, repeat: int, profile: str | None = None) -> dict[str, dict[st
             compat.replace_plan(p, planner_data=RankPayload(mapping={}, agreement=planner.agreement(), digest=d))
             for p, d in zip(plans, digests)
         ]
-        step = _best(lambda: planner.create_global_plan(sent), repeat)
+        step = _best(lambda planner=planner, sent=sent: planner.create_global_plan(sent), repeat)
         idx = index_plans(plans, digests)
         strategy = dcplan.get_plugin_manager().get_strategy(name)
         deduped = strategy.run(plans, strategy.resolve_options({}), idx)
 
-        def checks(deduped: Any = deduped, name: str = name) -> None:
+        def checks(deduped: Any = deduped, name: str = name, idx: Any = idx) -> None:
             with paused_gc():  # as in the coordinator step
                 verify.check_consistency(idx, plans)
                 verify.verify_dedup(idx, deduped, name)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# verification share (torch {torch.__version__}, python {sys.version.split()[0]}, best of {args.repeat})\n")
     print("| workload | entries | strategy | items written | coordinator step | verification | share |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    worst: dict[str, tuple[float, str]] = {}
+    worst: dict[tuple[str, bool], tuple[float, str]] = {}  # (strategy, 2M+ entries) -> worst share
     for layout, model, world in WORKLOADS:
         name = f"{model} {layout} x{world}"
         if args.only and args.only not in name:
@@ -105,14 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         for strat, r in bench(wl, args.repeat, args.profile).items():
             print(f"| {name} | {wl.entries:,} | {strat} | {r['written']:,} | {r['step']:.3f} s | {r['verify']:.3f} s | "
                   f"{r['share']:.1%} |", flush=True)
-            if wl.entries >= 2_000_000 or not worst.get(strat):
-                worst[strat] = max(worst.get(strat, (0.0, "")), (r["share"], name))
+            at = (strat, wl.entries >= 2_000_000)
+            worst[at] = max(worst.get(at, (0.0, "")), (r["share"], name))
         del wl
         gc.collect()
     print()
-    for strat, (share, name) in worst.items():
-        print(f"- {'PASS' if share <= TARGET_VERIFY_SHARE else 'MISS'}: {strat} verification <= "
-              f"{TARGET_VERIFY_SHARE:.0%} of the coordinator step (worst {share:.1%} on {name})")
+    for (strat, big), (share, name) in sorted(worst.items(), key=lambda t: (not t[0][1], t[0][0])):
+        verdict = ("PASS" if share <= TARGET_VERIFY_SHARE else "MISS") if big else "INFO"
+        print(f"- {verdict}: {strat} verification <= {TARGET_VERIFY_SHARE:.0%} of the coordinator step "
+              f"{'at 2M+' if big else 'below 2M'} plan entries (worst {share:.1%} on {name})")
     return 0
 
 
