@@ -113,7 +113,9 @@ class Config:
         cache_namespace: the cache namespace; default derived from the state dict.
         plan_cache_dir: a directory where the coordinator keeps save plans across
             job restarts (see ``dcplan.save.store``); unset: off.
-        validate: run global-plan validation (only switch off for trusted layouts).
+        validate: run the core's checks on the coordinator: consistency of replicated
+            keys, verification of the strategy's output, global-plan validation (only
+            switch off for trusted layouts).
         report: log the plan report at INFO on the coordinator after each save.
         trust_checkpoint: unpickle non-tensor items and ``.metadata`` with the full
             pickle module. DANGEROUS: a crafted checkpoint can run code.

@@ -12,9 +12,17 @@ strategy returns. Two checks run on the coordinator before any byte is written:
   tensor item's ``MetadataIndex.offset`` equals its chunk offset; nothing is
   invented.
 
-Both are linear in plan entries: the outputs' keys are looked up in the
-:class:`~dcplan.save.index.PlanIndex` with C-level maps, holders are checked
-with one numpy search per rank, and only split slices take a per-item path.
+Both are linear in plan entries. The written items that are the held item
+objects themselves are found by identity (a map local to the call); only the
+others are read (once: their fields serve the key lookup, the whole-item test
+and the slice checks) and looked up in the :class:`~dcplan.save.index.PlanIndex`
+with C-level maps. Holders are checked with one numpy search. Slices are matched
+to the one chunk of their fqn their rank's plan holds, and containment, index
+offset, dtype/size and exact tiling (intervals along the one dimension they
+split) are checked with numpy arrays. What is not certainly right takes the
+exact per-item path, which words the violations: the fast paths decide only
+what passes, so verdicts and messages are those of the per-item path
+(``find_violations(..., fast=False)``; ``tests/test_verify_fast.py`` compares them).
 A violation raises :class:`dcplan.errors.StrategyError` (after dedup) or
 :class:`dcplan.errors.PlanValidationError` (before), which torch's
 ``reduce_scatter`` hands to every rank.
