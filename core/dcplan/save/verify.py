@@ -555,10 +555,11 @@ def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations
             continue
         full = []
         for j in got:
-            ch = chunks.get(j)
-            if ch is None:
-                c = slices.items[j].tensor_data.chunk
-                ch = (tuple(c.offsets), tuple(c.sizes))
+            if j in chunks:
+                ch = chunks[j]
+            else:  # a fast-path slice: a tensor item with a chunk
+                c = slices.items[j].tensor_data.chunk  # type: ignore[union-attr]
+                ch = (tuple(c.offsets), tuple(c.sizes))  # type: ignore[union-attr]
             full.append((int(slices.ranks[j]), ch, slices.items[j].tensor_data))
         _check_tiling(index, k, full, int(count[k]), out)
     return set(pieces)
