@@ -501,16 +501,23 @@ def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations
     pieces: dict[int, list[int]] = {}
     chunks: dict[int, tuple[Any, Any]] = {}  # slow-path slices: position -> (offsets, sizes) tuples
     holders, first = index.holders, index.first
-    if (fast >= 0).all():  # every slice certainly passes: group them by chunk, in order of first appearance
+    if (fast >= 0).all() and arrays is not None:
+        # every slice certainly passes its own checks: only the chunks whose tiling is not certain are
+        # grouped (in order of their first slice) for the exact check
         order = np.argsort(fast, kind="stable")
         ks, starts = _unique_starts(fast[order])
-        ends = np.append(starts[1:], len(order)).tolist()
-        ol, kl, sl = order.tolist(), ks.tolist(), starts.tolist()
-        for g in np.argsort(order[starts], kind="stable").tolist():  # a group's first position is its lowest
-            pieces[kl[g]] = ol[sl[g] : ends[g]]
-        todo: Any = ()
-    else:
-        todo = enumerate(zip(slices.ranks.tolist(), slices.items, slices.cands))
+        tiled = _fast_tilings(index, {}, fast, arrays, count)
+        sure = np.zeros(len(index), dtype=bool)
+        sure[list(tiled)] = True
+        rest = np.flatnonzero(~sure[ks])
+        if len(rest):
+            ends = np.append(starts[1:], len(order))
+            ol = order.tolist()
+            for g in rest[np.argsort(order[starts[rest]], kind="stable")].tolist():
+                pieces[int(ks[g])] = ol[int(starts[g]) : int(ends[g])]
+            _tilings_slow(index, pieces, slices, {}, count, out)
+        return set(ks.tolist())
+    todo = enumerate(zip(slices.ranks.tolist(), slices.items, slices.cands))
     for j, (rank, item, cand) in todo:
         k = int(fast[j])
         if k >= 0:
@@ -550,9 +557,16 @@ def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations
             continue
         pieces.setdefault(mine[0], []).append(j)
     tiled = _fast_tilings(index, pieces, fast, arrays, count) if arrays is not None else set()
+    _tilings_slow(index, {k: got for k, got in pieces.items() if k not in tiled}, slices, chunks, count, out)
+    return set(pieces)
+
+
+def _tilings_slow(
+    index: PlanIndex, pieces: dict[int, list[int]], slices: _Slices, chunks: dict[int, tuple[Any, Any]],
+    count: Any, out: Violations,
+) -> None:
+    """The exact tiling check (:func:`_check_tiling`) of each chunk in ``pieces``, in their order."""
     for k, got in pieces.items():
-        if k in tiled:
-            continue
         full = []
         for j in got:
             if j in chunks:
@@ -562,7 +576,6 @@ def _check_slices(index: PlanIndex, slices: _Slices, count: Any, out: Violations
                 ch = (tuple(c.offsets), tuple(c.sizes))  # type: ignore[union-attr]
             full.append((int(slices.ranks[j]), ch, slices.items[j].tensor_data))
         _check_tiling(index, k, full, int(count[k]), out)
-    return set(pieces)
 
 
 def _holds(holders: Sequence[int], rank: int) -> bool:
