@@ -116,7 +116,8 @@ def check_consistency(index: PlanIndex, all_plans: Sequence[SavePlan]) -> None:
         ids = index.plan_ids(rep)
         pos = np.flatnonzero(multi[ids]).tolist() if len(ids) else []
         items = all_plans[rep].items
-        if all(map(operator.is_, map(items.__getitem__, pos), map(first.__getitem__, ids[pos].tolist()))):
+        mine = items if len(pos) == len(items) else list(map(items.__getitem__, pos))
+        if all(map(operator.is_, mine, map(first.__getitem__, ids[pos].tolist()))):
             continue  # this plan's copies are the index's own items (its lowest holder)
         for p in pos:
             item = items[p]
@@ -167,11 +168,14 @@ def _check_kinds(index: PlanIndex) -> None:
     import itertools
 
     keys = index.keys
-    is_obj = list(map(operator.is_, map(_OFFSET, keys), itertools.repeat(None)))
-    objects = set(map(_FQN, itertools.compress(keys, is_obj)))
-    if not objects or len(objects) == len(keys):
+    # the index's (fqn, offset) keys: plain tuples, read faster than the MetadataIndex objects
+    pairs = list(index.lookup)
+    is_obj = list(map(operator.is_, map(operator.itemgetter(1), pairs), itertools.repeat(None)))
+    objects = set(map(operator.itemgetter(0), itertools.compress(pairs, is_obj)))
+    if not objects or len(objects) == len(pairs):
         return
-    clash = sorted(objects.intersection(map(_FQN, itertools.compress(keys, (not o for o in is_obj)))))
+    clash = sorted(objects.intersection(
+        map(operator.itemgetter(0), itertools.compress(pairs, map(operator.not_, is_obj)))))
     if not clash:
         return
     errors = []
