@@ -46,7 +46,6 @@ __all__ = ["Violations", "check_consistency", "find_violations", "verify_dedup"]
 #: how many violations a message shows in full
 SHOWN = 5
 _KEY = operator.attrgetter("index.fqn", "index.offset")
-_CHUNK = operator.attrgetter("tensor_data.chunk.offsets", "tensor_data.chunk.sizes")
 
 
 class Violations:
@@ -160,7 +159,6 @@ def _signatures_by_rank(index: PlanIndex, all_plans: Sequence[SavePlan], k: int)
 
 
 _FQN = operator.attrgetter("fqn")
-_OFFSET = operator.attrgetter("offset")
 
 
 def _check_kinds(index: PlanIndex) -> None:
@@ -595,7 +593,6 @@ _SLICE = operator.attrgetter(
 _ITEMS = operator.attrgetter("items")
 _FQN_OFFSET = operator.itemgetter(0, 1)  # of _SLICE fields: the index key
 _TENSOR_OF_SLICE = operator.itemgetter(2, 3, 4, 5)  # of _SLICE fields: the _TENSOR fields
-_SIG = operator.attrgetter("tensor_data.properties.dtype", "tensor_data.size")
 
 
 class _SliceArrays:
