@@ -768,14 +768,14 @@ def _fast_tilings(
         row = np.searchsorted(gk, uk)  # the chunks as the fast path read them
         ko, ksz = gko[row], gksz[row]
         differ = (o != ko[inv]) | (s != ksz[inv])  # (slices, dims)
-        vary = np.zeros((len(uk), d), dtype=bool)
-        np.logical_or.at(vary, inv, differ)
+        nu = len(uk)
+        # per chunk and dimension: does any slice differ there (bincount: ufunc.at is slow)
+        vary = np.stack([np.bincount(inv, weights=differ[:, c], minlength=nu) > 0 for c in range(d)], axis=1) \
+            if d else np.zeros((nu, 0), dtype=bool)
         nvary = vary.sum(axis=1)
-        dim = vary.argmax(axis=1)
+        dim = vary.argmax(axis=1) if d else np.zeros(nu, dtype=np.int64)
         bad = nvary != 1
-        empty = np.zeros(len(uk), dtype=bool)
-        np.logical_or.at(empty, inv, (s <= 0).any(axis=1))
-        bad |= empty
+        bad |= np.bincount(inv, weights=(s <= 0).any(axis=1), minlength=nu) > 0  # an empty slice
         sd = dim[inv]
         rows = np.arange(len(inv))
         lo = o[rows, sd]
@@ -785,10 +785,9 @@ def _fast_tilings(
         if len(g) > 1:
             same = g[1:] == g[:-1]
             overlap = same & (lo[1:] < lo[:-1] + ln[:-1])
-            np.logical_or.at(bad, g[1:][overlap], True)
-        total = np.zeros(len(uk), dtype=np.int64)
-        np.add.at(total, g, ln)
-        bad |= total != ksz[np.arange(len(uk)), dim]
+            bad[g[1:][overlap]] = True
+        total = np.bincount(g, weights=ln, minlength=nu)  # float64: exact below 2**53 elements
+        bad |= total != ksz[np.arange(nu), dim]
         ok_keys.update(uk[~bad].tolist())
     # every slice of a candidate came through the fast path, so it has the chunk's dimensions: one group
     return ok_keys
