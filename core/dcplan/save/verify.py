@@ -167,7 +167,7 @@ def _check_kinds(index: PlanIndex) -> None:
 
     keys = index.keys
     # the index's (fqn, offset) keys: plain tuples, read faster than the MetadataIndex objects
-    pairs = list(index.lookup)
+    pairs = index.lookup.keys()
     is_obj = list(map(operator.is_, map(operator.itemgetter(1), pairs), itertools.repeat(None)))
     objects = set(map(operator.itemgetter(0), itertools.compress(pairs, is_obj)))
     if not objects or len(objects) == len(pairs):
@@ -684,8 +684,12 @@ def _fast_containers(index: PlanIndex, slices: _Slices) -> tuple[Any, _SliceArra
         groups[d] = (pos[sel], o[sel], s[sel], uk, ko, ksz)
         # dtype and global size: each slice's against its chunk's (read once per chunk)
         if rsig is not None:
-            mine = zip(map(dtypes.__getitem__, pl), map(gsizes.__getitem__, pl))
-            same = np.fromiter(map(operator.eq, mine, map(rsig.__getitem__, inv.tolist())), dtype=bool, count=len(pl))
+            held_at = list(map(rsig.__getitem__, inv.tolist()))
+            same = np.fromiter(  # dtypes are singletons: identity is equality
+                map(operator.is_, map(dtypes.__getitem__, pl), map(operator.itemgetter(0), held_at)),
+                dtype=bool, count=len(pl))
+            same &= np.fromiter(map(operator.eq, map(gsizes.__getitem__, pl), map(operator.itemgetter(1), held_at)),
+                                dtype=bool, count=len(pl))
             sig_ok[pos] = same & sel
     return fast, _SliceArrays(groups, sig_ok)
 
