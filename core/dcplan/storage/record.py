@@ -31,11 +31,10 @@ from typing import Any
 import torch
 
 from dcplan import compat
+from dcplan.storage.checksum import BLOCK
 
 __all__ = ["BLOCK", "RecordLayout", "contiguous_span", "parse_record", "read_layout", "writable_into"]
 
-#: read and hash block size
-BLOCK = 256 << 10
 #: items up to this size are read in one piece
 SMALL = 1 << 20
 #: the first read of a large item: enough for its headers and pickle
