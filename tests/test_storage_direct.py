@@ -20,8 +20,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import dcplan
-from dcplan.storage import record
 from dcplan.storage import reader as reader_mod
+from dcplan.storage import record
 from dcplan.testing.pytest_plugin import gloo_pool_fixture
 
 pytestmark = [

@@ -649,7 +649,7 @@ def legacy_storage_dtype(name: str) -> torch.dtype | None:
     if not isinstance(cls, type) or legacy is None or not issubclass(cls, legacy):
         return None
     try:
-        dtype = cls.dtype
+        dtype = cls.dtype  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - a storage class without a dtype
         return None
     return dtype if isinstance(dtype, torch.dtype) else None
