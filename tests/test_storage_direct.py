@@ -323,3 +323,45 @@ def test_two_rank_resharded_load_matches_torch(pool: Any, tmp_path: Path) -> Non
     assert ours == theirs
     full = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
     assert ours[0]["w"] == _bits(full)
+
+
+def _rezip(rec: bytes, keep: Any) -> bytes:
+    """The record rewritten by Python's zipfile (sizes in the local headers, no alignment), names filtered."""
+    src = zipfile.ZipFile(io.BytesIO(rec))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            if keep(info.filename.split("/", 1)[1]):
+                z.writestr(info.filename, src.read(info))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("names", ["torch24", "no-byteorder"])
+def test_other_writers_record_layouts_are_read_directly(tmp_path: Path, names: str) -> None:
+    """torch 2.4's record set (no .format_version/.storage_alignment), another zip writer, no byteorder record."""
+    t = torch.randn(700, 500)  # larger than one read: head, blocks and tail
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    drop = {".format_version", ".storage_alignment"} | ({"byteorder"} if names == "no-byteorder" else set())
+    rec = _rezip(buf.getvalue(), lambda n: n not in drop)
+    file = tmp_path / "rec"
+    file.write_bytes(b"x" * 100 + rec)
+    with open(file, "rb") as fh:
+        layout = record.parse_record(fh, 100, len(rec))
+        assert layout is not None and layout.size == (700, 500) and layout.dtype == torch.float32
+        out = torch.empty(700, 500)
+        import xxhash
+
+        h = xxhash.xxh3_64()
+        record.read_layout(fh, str(file), 100, len(rec), layout, layout.data_start, out, h)
+    assert torch.equal(out, t) and h.hexdigest() == xxhash.xxh3_64_hexdigest(rec)
+    assert torch.equal(torch.load(io.BytesIO(rec), weights_only=True), t)
+
+
+def test_legacy_torch_save_format_is_left_to_torch_load(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(torch.arange(5), buf, _use_new_zipfile_serialization=False)
+    file = tmp_path / "legacy"
+    file.write_bytes(buf.getvalue())
+    with open(file, "rb") as fh:
+        assert record.parse_record(fh, 0, len(buf.getvalue())) is None
