@@ -663,3 +663,12 @@ def strides_are_contiguous(size: Sequence[int], stride: Sequence[int]) -> bool:
             return False
         expected *= s
     return True
+
+
+def bump_version(t: torch.Tensor) -> None:
+    """Mark ``t`` as modified in place (its autograd version counter), as ``copy_`` would."""
+    fn = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+    if fn is not None:
+        fn(t)
+    elif t.numel() and t.dtype != torch.bool:  # pragma: no cover - older torch: an in-place no-op bumps it
+        t.add_(0)

@@ -6,9 +6,13 @@
 * A missing, empty or truncated data file is a :class:`CorruptCheckpointError` that names
   the file, the item and the bytes expected.
 * When the checkpoint carries dcplan checksums (written by :class:`dcplan.FileSystemWriter`)
-  each item's bytes are checked before they are used; a mismatch names the file, the item
-  and the offset. ``verify_checksums=False`` skips the check. Checkpoints written by
-  torch's own writer have no checksums and load as before.
+  each item's bytes are hashed as they are read (each byte once, in 256 KiB blocks) and
+  checked; a mismatch names the file, the item and the offset. ``verify_checksums=False``
+  skips the check. Checkpoints written by torch's own writer have no checksums and load as before.
+* A tensor is read straight from its ``torch.save`` record into the destination tensor when
+  the record is a plain tensor record (:mod:`dcplan.storage.record`), else through
+  ``torch.load(weights_only=True)``. On the direct path a checksum mismatch is found after
+  the bytes reached the destination: the load raises, but the destination may hold them.
 """
 
 from __future__ import annotations
@@ -296,6 +300,8 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
             self._check(path, info.relative_path, offset, length, hasher.hexdigest(), req)
         if dest is not target:
             target.copy_(compat.narrow_tensor_by_index(dest, offsets, lengths))
+        else:
+            compat.bump_version(target)  # written behind autograd's back, like copy_ would have
         planner.commit_tensor(req, target)
         return True
 
