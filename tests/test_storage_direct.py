@@ -336,14 +336,24 @@ def _rezip(rec: bytes, keep: Any) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("names", ["torch24", "no-byteorder"])
-def test_other_writers_record_layouts_are_read_directly(tmp_path: Path, names: str) -> None:
-    """torch 2.4's record set (no .format_version/.storage_alignment), another zip writer, no byteorder record."""
+@pytest.mark.parametrize("names", ["torch24", "no-byteorder", "zip64"])
+def test_other_writers_record_layouts_are_read_directly(tmp_path: Path, names: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.4's record set (no .format_version/.storage_alignment), another zip writer, no byteorder
+    record, zip64 structures (every size and offset in zip64 fields, as for tensors over 4 GiB)."""
     t = torch.randn(700, 500)  # larger than one read: head, blocks and tail
     buf = io.BytesIO()
     torch.save(t, buf)
+    if names == "zip64":
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 8)
     drop = {".format_version", ".storage_alignment"} | ({"byteorder"} if names == "no-byteorder" else set())
     rec = _rezip(buf.getvalue(), lambda n: n not in drop)
+    if names == "zip64":  # zip64 end records (Python's zipfile writes them only past 2 GiB)
+        assert b"\xff" * 8 in rec[-600:]  # central entries with zip64 sizes and offsets
+        body, (n, cd_size, cd_off) = rec[:-22], struct.unpack_from("<HII", rec, len(rec) - 12)
+        rec = (body + struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_off)
+               + struct.pack("<IIQI", 0x07064B50, 0, len(body), 1)
+               + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
     file = tmp_path / "rec"
     file.write_bytes(b"x" * 100 + rec)
     with open(file, "rb") as fh:
@@ -365,3 +375,50 @@ def test_legacy_torch_save_format_is_left_to_torch_load(tmp_path: Path) -> None:
     file.write_bytes(buf.getvalue())
     with open(file, "rb") as fh:
         assert record.parse_record(fh, 0, len(buf.getvalue())) is None
+
+
+@pytest.mark.parametrize("t", [torch.empty(0, 3), torch.tensor(2.5, dtype=torch.float64), torch.arange(6)[2:5]],
+                         ids=["empty", "0-d", "view-of-larger-storage"])
+def test_small_records_read_directly(tmp_path: Path, t: torch.Tensor) -> None:
+    import xxhash
+
+    buf = io.BytesIO()
+    torch.save(t, buf)  # a view saves its whole storage: the record's storage offset is honoured
+    rec = buf.getvalue()
+    file = tmp_path / "rec"
+    file.write_bytes(rec)
+    with open(file, "rb") as fh:
+        layout = record.parse_record(fh, 0, len(rec))
+        assert layout is not None
+        out = torch.full_like(t, 9)
+        h = xxhash.xxh3_64()
+        record.read_layout(fh, str(file), 0, len(rec), layout, layout.data_start, out, h)
+    assert torch.equal(out, t) and h.hexdigest() == xxhash.xxh3_64_hexdigest(rec)
+
+
+def _tensor_pickle(size: tuple[int, ...], stride: tuple[int, ...], numel: int) -> bytes:
+    """A record pickle as torch.save writes it, with the given size, stride and storage size."""
+    from collections import OrderedDict
+
+    storage = object()
+
+    class Rec:
+        def __reduce__(self) -> Any:
+            return (torch._utils._rebuild_tensor_v2, (storage, 0, size, stride, False, OrderedDict()))
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump(Rec())
+    return buf.getvalue()
+
+
+def test_crafted_sizes_are_not_recognised() -> None:
+    ok = record.read_tensor_pickle(_tensor_pickle((2, 3), (3, 1), 6))
+    assert ok.size == (2, 3) and ok.dtype == torch.float32 and ok.storage.numel == 6
+    with pytest.raises(Exception, match="size/stride"):
+        record.read_tensor_pickle(_tensor_pickle((1 << 60,), (1,), 4))
+    with pytest.raises(Exception, match="size/stride"):
+        record.read_tensor_pickle(_tensor_pickle((-1,), (1,), 4))

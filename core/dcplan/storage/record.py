@@ -49,6 +49,8 @@ _CENTRAL = 0x02014B50
 _EOCD = 0x06054B50
 _EOCD64 = 0x06064B50
 _EOCD64_LOC = 0x07064B50
+#: no size or stride of a recognised record is this large (a crafted one cannot overflow torch.empty)
+_MAX_DIM = 1 << 48
 
 
 class _NotRecognised(Exception):
@@ -123,7 +125,7 @@ def _rebuild_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requi
 
 
 def _ints(x: Any) -> tuple[int, ...]:
-    if not isinstance(x, tuple) or not all(type(v) is int and v >= 0 for v in x):
+    if not isinstance(x, tuple) or not all(type(v) is int and 0 <= v < _MAX_DIM for v in x):
         raise _NotRecognised("size/stride")
     return x
 
@@ -313,7 +315,9 @@ def parse_record(fh: Any, offset: int, length: int) -> RecordLayout | None:
     """
     try:
         return _parse(fh, offset, length)
-    except _NotRecognised:
+    except OSError:
+        raise
+    except Exception:  # noqa: BLE001 - _NotRecognised, or anything a malformed record makes torch refuse
         return None
 
 
@@ -395,7 +399,7 @@ def writable_into(t: torch.Tensor, dtype: torch.dtype) -> bool:
 def _byte_view(t: torch.Tensor) -> memoryview:
     n = t.numel() * t.element_size()
     if n == 0:
-        return memoryview(b"")
+        return memoryview(bytearray(0))
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
@@ -431,7 +435,7 @@ def read_layout(fh: Any, path: str, offset: int, length: int, layout: RecordLayo
     if hasher is not None:
         hasher.update(head)
     h = len(head)
-    if w0 < h:
+    if w0 < h and w1 > w0:
         k = min(w1, h) - w0
         out[:k] = head[w0 : w0 + k]
     if h < ts:
