@@ -422,3 +422,15 @@ def test_crafted_sizes_are_not_recognised() -> None:
         record.read_tensor_pickle(_tensor_pickle((1 << 60,), (1,), 4))
     with pytest.raises(Exception, match="size/stride"):
         record.read_tensor_pickle(_tensor_pickle((-1,), (1,), 4))
+
+
+def test_pickle_build_cannot_change_the_unpicklers_functions() -> None:
+    def u(text: str) -> bytes:
+        return b"X" + struct.pack("<I", len(text)) + text.encode()
+
+    # GLOBAL _rebuild_tensor_v2; BUILD (None, {"__defaults__": ("x",)}) on it; STOP
+    attack = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}" + u("__defaults__") + u("x") + b"\x85s\x86b.")
+    with pytest.raises(Exception, match="not a tensor"):
+        record.read_tensor_pickle(attack)
+    assert record.read_tensor_pickle(_tensor_pickle((2, 3), (3, 1), 6)).size == (2, 3)
+    assert record._rebuild_v2.__defaults__ == (None,)

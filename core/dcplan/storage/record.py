@@ -93,19 +93,19 @@ def _elsize(dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------- the restricted unpickler
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: a pickle's BUILD cannot change it
 class _StorageType:
     dtype: torch.dtype | None  # None: UntypedStorage (sizes in bytes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: a pickle's BUILD cannot change it
 class _StorageRef:
     dtype: torch.dtype | None
     key: str
     numel: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: a pickle's BUILD cannot change it
 class _TensorRecord:
     storage: _StorageRef
     storage_offset: int
@@ -152,14 +152,24 @@ def _make_record(storage: Any, storage_offset: Any, size: Any, stride: Any, hook
     return _TensorRecord(storage, storage_offset, size, stride, storage.dtype)
 
 
+def _fresh(fn: Any) -> Any:
+    """A new function object per use: a pickle's BUILD may set attributes on what it gets (e.g.
+    ``__defaults__``), and must not reach the module's functions."""
+
+    def call(*args: Any) -> Any:
+        return fn(*args)
+
+    return call
+
+
 class _RecordUnpickler(pickle.Unpickler):
     """Knows the globals of a plain tensor record and nothing else: it never runs code from the file."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_v2
+            return _fresh(_rebuild_v2)
         if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _rebuild_v3
+            return _fresh(_rebuild_v3)
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
         if module == "torch.storage" and name == "UntypedStorage":
@@ -190,6 +200,11 @@ def read_tensor_pickle(data: bytes) -> _TensorRecord:
         raise _NotRecognised(f"pickle: {exc}") from None
     if not isinstance(obj, _TensorRecord):
         raise _NotRecognised("not a tensor")
+    st = obj.storage
+    if (not isinstance(st, _StorageRef) or not isinstance(st.dtype, torch.dtype) or st.dtype != obj.dtype
+            or not isinstance(st.key, str) or type(st.numel) is not int or st.numel < 0):
+        raise _NotRecognised("storage")
+    _ints(obj.size), _ints(obj.stride)
     return obj
 
 
