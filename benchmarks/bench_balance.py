@@ -41,9 +41,6 @@ def lpt_busiest(plans: Any, idx: Any) -> int:
 
 
 def _time(fn: Any) -> tuple[float, Any]:
-    from dcplan.save.index import clear_index_cache
-
-    clear_index_cache()
     gc.collect()
     t0 = time.perf_counter()
     out = fn()
