@@ -31,8 +31,9 @@ from dcplan_split import split  # noqa: E402
 MB = 1 << 20
 
 
-def lpt_busiest(plans: list[SavePlan], fixed_first: bool = False) -> int:
-    """Plain LPT, written independently: busiest rank's bytes."""
+def lpt_busiest(plans: list[SavePlan], fixed_first: bool = False, order: str = "first", tie: str = "low") -> int:
+    """Plain LPT, written independently: busiest rank's bytes. Variants: equal sizes in first-seen
+    or last-seen order; holder ties to the lowest or the highest rank."""
     holders: dict[Any, list[int]] = {}
     size: dict[Any, int] = {}
     for r, p in enumerate(plans):
@@ -42,23 +43,33 @@ def lpt_busiest(plans: list[SavePlan], fixed_first: bool = False) -> int:
                 holders[k].append(r)
             size[k] = fast_nbytes(it)
     load = [0] * len(plans)
-    keys = sorted(holders, key=lambda k: -size[k])
+    seen = list(holders)
+    keys = sorted(seen if order == "first" else seen[::-1], key=lambda k: -size[k])
     if fixed_first:
         for k in keys:
             if len(holders[k]) == 1:
                 load[holders[k][0]] += size[k]
         keys = [k for k in keys if len(holders[k]) > 1]
     for k in keys:
-        r = min(holders[k], key=lambda r: (load[r], r))
+        r = min(holders[k], key=lambda r: (load[r], r if tie == "low" else -r))
         load[r] += size[k]
     return max(load, default=0)
+
+
+#: the LPT variants every layout is checked against: (fixed first, equal sizes order, holder ties)
+LPT_VARIANTS = [(ff, o, t) for ff in (False, True) for o in ("first", "last") for t in ("low", "high")]
+
+
+def worst_lpt_variant(plans: list[SavePlan]) -> int:
+    """The best (lowest busiest) of the LPT variants."""
+    return min(lpt_busiest(plans, ff, o, t) for ff, o, t in LPT_VARIANTS)
 
 
 def _compare(plans: list[SavePlan]) -> tuple[int, int, int, int]:
     idx = PlanIndex(plans)
     ours = build_report(plans, balanced(plans, index=idx), index=idx).busiest_bytes
     theirs = build_report(plans, compat.torch_dedup_save_plans(plans), index=idx).busiest_bytes
-    return ours, theirs, lpt_busiest(plans), lpt_busiest(plans, fixed_first=True)
+    return ours, theirs, lpt_busiest(plans), worst_lpt_variant(plans)
 
 
 def _check_layouts(count: int, seed: int, **kwargs: Any) -> dict[str, list[int]]:
@@ -67,7 +78,7 @@ def _check_layouts(count: int, seed: int, **kwargs: Any) -> dict[str, list[int]]
         ours, torch_b, lpt_b, lptf_b = _compare(wl.plans)
         assert ours <= torch_b, f"{wl.name}: {ours} > torch's {torch_b}"
         assert ours <= lpt_b, f"{wl.name}: {ours} > LPT's {lpt_b}"
-        assert ours <= lptf_b, f"{wl.name}: {ours} > LPT (fixed first) {lptf_b}"
+        assert ours <= lptf_b * 1.001, f"{wl.name}: {ours} > the best LPT variant's {lptf_b} (+0.1%)"
         tally["torch"][0 if ours < torch_b else 1] += 1
         tally["lpt"][0 if ours < lpt_b else 1] += 1
     return tally

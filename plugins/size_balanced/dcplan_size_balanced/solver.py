@@ -58,7 +58,16 @@ WORK_PER_ITEM = 30
 MIN_WORK = 200_000
 
 #: portfolio entries, in the order that breaks ties between equally good ones
-PREFERENCE = ("fixed", "fewest_holders", "lpt_fixed", "lpt", "target", "torch")
+#: LPT tie-rule variants (item order for equal sizes, holder ties, fixed loads first or not), built
+#: after the entries above only while none has reached the lower bound: name -> (order, tie, fixed first)
+LPT_VARIANTS: dict[str, tuple[str, str, bool]] = {
+    f"lpt{'_fixed' if ff else ''}_{order}_{tie}": (order, tie, ff)
+    for ff in (False, True)
+    for order in ("first", "last")
+    for tie in ("low", "high", "torch")
+    if (order, tie) != ("first", "low")  # that one is ``lpt`` / ``lpt_fixed``
+}
+PREFERENCE = ("fixed", "fewest_holders", "lpt_fixed", "lpt", "target", *LPT_VARIANTS, "torch")
 
 
 @attrs.frozen
@@ -104,6 +113,7 @@ def greedy(
     owner: list[int],
     torch_ties: bool = False,
     gid: Sequence[int] | None = None,
+    high: bool = False,
 ) -> None:
     """Give each key of ``order`` to its least-loaded holder, by ``weight`` (updates ``load``/``owner``).
 
@@ -111,6 +121,7 @@ def greedy(
     iteration order of the ``set`` torch builds (ranks added in ascending
     order; ``set(tuple)`` inserts in the same order, so the running
     interpreter reproduces torch's ``min(set, key=load)`` exactly).
+    With ``high``, ties go to the highest rank instead.
     ``gid``: :func:`group_ids` of ``holders`` (computed here when ``None``).
     A holder set used once is scanned; the others get one lazy min-heap each:
     an entry whose recorded load is stale is refreshed when it reaches the top;
@@ -131,7 +142,8 @@ def greedy(
             continue
         g = gid[k]
         if uses[g] == 1:
-            r = min(set(hs) if torch_ties else hs, key=at)  # first minimum: torch's, or the lowest rank
+            # first minimum: torch's, or the lowest rank (the highest: scan backwards)
+            r = min(set(hs) if torch_ties else reversed(hs) if high else hs, key=at)
             owner[k] = r
             load[r] += weight[k]
             continue
@@ -140,7 +152,7 @@ def greedy(
             if torch_ties:
                 heap = [(load[r], i, r) for i, r in enumerate(set(hs))]
             else:
-                heap = [(load[r], r, r) for r in hs]
+                heap = [(load[r], -r if high else r, r) for r in hs]
             heapq.heapify(heap)
             heaps[g] = heap
         while True:
@@ -246,6 +258,18 @@ def solve(
     def best() -> int:
         return min(busiest(ld) for _, ld in candidates.values())
 
+    def _lpt_variant(name: str, order: str, tie: str, fixed_first: bool) -> None:
+        keys = rep if fixed_first else range(n)
+        ks = np.asarray(keys, dtype=np.int64)
+        sz = np.asarray(sizes, dtype=np.int64)[ks]
+        if order == "last":  # equal sizes: last seen first
+            ks, sz = ks[::-1], sz[::-1]
+        seq = ks[np.argsort(-sz, kind="stable")].tolist()
+        owner = list(base_owner)
+        load = list(fixed) if fixed_first else [0] * world
+        greedy(world, holders, seq, sizes, load, owner, tie == "torch", gid, high=tie == "high")
+        add(name, owner)
+
     if not rep:
         add("fixed", list(base_owner))
     else:
@@ -267,6 +291,10 @@ def solve(
             owner = list(base_owner)
             _target_fit(world, holders, fhf, sizes, list(fixed), owner, lower_bound, gid)
             add("target", owner)
+        for name, (order, tie, ff) in LPT_VARIANTS.items():
+            if best() <= lower_bound:
+                break
+            _lpt_variant(name, order, tie, ff)
     steps = max_steps if max_steps is not None else min(4 * (world + len(rep)), MAX_STEPS)
     shape = (gid, groups)
     result = _search(candidates, world, holders, sizes, rep, lower_bound, steps, shape)
