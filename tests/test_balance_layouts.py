@@ -8,6 +8,7 @@ Busiest-rank bytes are measured by the plan report (bytes actually written).
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -301,3 +302,51 @@ def test_node_mode_never_worse_on_nodes_than_rank_mode_on_generated_layouts() ->
         assert by_node.busiest_node_bytes <= by_rank.busiest_node_bytes, wl.name
         assert by_node.busiest_node_bytes >= by_node.node_lower_bound
         assert sum(by_node.bytes_per_node) == by_node.total_bytes == by_rank.total_bytes
+
+
+# -- LPT tie-rule variants on small integer layouts (many ties) ------------------------------------
+
+
+def _lpt_int(world: int, holders: list[tuple[int, ...]], sizes: list[int], ff: bool, order: str, tie: str) -> int:
+    """LPT on integer sizes, written independently; ``tie`` is "low", "high" or "torch" (set order)."""
+    keys = list(range(len(sizes)))
+    if order == "last":
+        keys.reverse()
+    keys.sort(key=lambda k: -sizes[k])
+    load = [0] * world
+    if ff:
+        for k in keys:
+            if len(holders[k]) == 1:
+                load[holders[k][0]] += sizes[k]
+        keys = [k for k in keys if len(holders[k]) > 1]
+    for k in keys:
+        hs = holders[k]
+        r = min(set(hs), key=load.__getitem__) if tie == "torch" else min(
+            hs, key=lambda r: (load[r], r if tie == "low" else -r))
+        load[r] += sizes[k]
+    return max(load)
+
+
+def _check_small_integer_layouts(count: int, seed: int) -> None:
+    from dcplan.save.report import _bound
+    from dcplan_size_balanced.solver import solve
+
+    variants = [(ff, o, t) for ff in (False, True) for o in ("first", "last") for t in ("low", "high", "torch")]
+    rng = random.Random(seed)
+    for _ in range(count):
+        world = rng.randint(2, 6)
+        n = rng.randint(2, 14)
+        holders = [tuple(sorted(rng.sample(range(world), rng.randint(1, world)))) for _ in range(n)]
+        sizes = [rng.randint(1, rng.choice([3, 10, 100])) for _ in range(n)]
+        sol = solve(world, holders, sizes, lower_bound=_bound(world, holders, sizes)[0])
+        ref = min(_lpt_int(world, holders, sizes, *v) for v in variants)
+        assert sol.busiest <= ref, (world, holders, sizes, sol.busiest, ref)
+
+
+def test_never_worse_than_twelve_lpt_variants_on_small_integer_layouts() -> None:
+    _check_small_integer_layouts(1500, seed=0)
+
+
+@pytest.mark.slow
+def test_never_worse_than_twelve_lpt_variants_on_small_integer_layouts_slow_tier() -> None:
+    _check_small_integer_layouts(30_000, seed=1)
