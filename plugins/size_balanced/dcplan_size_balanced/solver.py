@@ -22,6 +22,12 @@ improves it by moves and swaps off the busiest rank:
    *fullest* holder it fits on under the lower bound (best fit), else to the
    least-loaded one. This finds packings no list order finds (issue 15's
    4-rank example: 25 MB where the orders above give 35 MB).
+6. :data:`LPT_VARIANTS`: LPT and LPT with fixed loads first under other tie
+   rules (equal sizes last seen first; holder ties to the highest rank or in
+   torch's set order), ten greedy passes built one by one only while no entry
+   has reached the lower bound. On small integer layouts, where ties decide,
+   they keep the result at or below every such LPT (0 losses in 60,000
+   layouts against 12 variants; 8 losses without them).
 
 The local search then repeats: take the busiest rank ``b`` (ties: lowest);
 move one of its items to another holder, or swap one of its items with a

@@ -6,19 +6,25 @@ the limit: a replicated tensor is cut into contiguous slices along its first
 dimension of size > 1 and each slice is written by a different holder, so the
 busiest rank gets within one slice boundary of the ideal level.
 
-Algorithm, per replica group (distinct holder set, fewest holders first):
+Algorithm:
 
-1. every rank's fixed load (items only it holds) is counted first;
-2. items that are too small to split (``< 2 * min_slice_bytes``, 0-d tensors,
-   non-tensor objects) are assigned whole, largest first, to the least-loaded
-   holder (ties: lowest rank), as ``size_balanced``'s ``balanced`` mode does;
-3. the remaining bytes ``P`` define the group's water level ``T`` (the smallest
-   level at which the holders' free room ``sum max(0, T - load)`` takes ``P``);
-4. the large items, largest first, are poured across the holders in rank order
-   (McNaughton's wrap-around rule): a holder takes bytes until it reaches ``T``,
-   the item's next rows go to the next holder. Cuts are on row boundaries;
-   slices smaller than ``min_slice_bytes`` are merged into a neighbour and an
-   item is cut into at most ``max_slices`` slices.
+1. the exact divisible bound ``T`` and an integral flow reaching it
+   (:func:`dcplan.save.divisible.divisible_flow`: per distinct holder set and
+   rank, how many of the set's bytes that rank writes, fixed loads counted);
+2. per holder set, items too small to split (``< 2 * min_slice_bytes``, 0-d
+   tensors, non-tensor objects) go whole, largest first, to the holder with the
+   most quota left (ties: lowest rank);
+3. a second flow re-spreads the large items' bytes with those whole items
+   counted as fixed loads, giving fresh quotas;
+4. per holder set, the large items, largest first, are poured across the
+   holders in rank order (McNaughton's wrap-around rule): each holder takes
+   rows up to its quota plus an allowance (at most one row, the smallest with
+   which the last holder fits too), the item's next rows go to the next
+   holder. Slices smaller than ``min_slice_bytes`` are merged into a neighbour
+   and an item is cut into at most ``max_slices`` slices.
+
+Past the flow's edge budget (very many distinct overlapping holder sets) it
+falls back to per-replica-group water levels (fewest holders first).
 
 A split item becomes ``WriteItemType.SHARD`` items whose chunks are the slices
 (offsets/sizes inside the held chunk), so the checkpoint's metadata lists the
@@ -28,11 +34,11 @@ slices as chunks. Any loader reads it: dcplan's, torch's ``DefaultLoadPlanner``
 slice (torch's planner can only resolve whole local chunks).
 
 Options (``strategy_options``): ``min_slice_bytes`` (default ``"auto"``) and
-``max_slices`` (default 64). ``"auto"`` picks, per replica group, the smaller
-of 1 MiB and 0.2 % of the group's level (never below 1 byte), so the busiest
-rank stays within about 0.2-0.4 % of the divisible bound however small each
-rank's share is; an integer is a fixed floor (fewer, larger writes; the busiest
-rank can exceed the level by up to about one ``min_slice_bytes``).
+``max_slices`` (default 1024). ``"auto"`` tries a 1 MiB floor, then smaller
+ones (at most 0.1 % of the bound, then 8x smaller each time) while the busiest
+rank is more than :data:`AUTO_FRACTION` (0.2 %) above the divisible bound,
+keeping the best; an integer is a fixed floor (fewer, larger writes; the
+busiest rank can exceed the level by up to about one ``min_slice_bytes``).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ __all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "D
 #: the largest slice floor ``"auto"`` uses (and the floor of older releases)
 DEFAULT_MIN_SLICE_BYTES = 1 << 20
 DEFAULT_MAX_SLICES = 1024
-#: ``min_slice_bytes = "auto"``: the floor is at most this fraction of the group's level
+#: ``min_slice_bytes = "auto"``: retry with smaller floors while the busiest rank is this fraction above the bound
 AUTO_FRACTION = 0.002
 
 
