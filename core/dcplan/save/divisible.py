@@ -127,7 +127,7 @@ def _greedy(
 ) -> None:
     """Water-fill each holder set (fewest ranks first) into its ranks' room below ``t``."""
     for gi, g in enumerate(groups):
-        room = sorted(((load[r], r) for r in g if load[r] < t))
+        room = sorted((load[r], r) for r in g if load[r] < t)
         if not room:
             continue
         p = excess[gi]
