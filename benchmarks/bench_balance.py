@@ -13,8 +13,11 @@ Prints three tables:
    ``split`` (against the divisible bound), and the dedup time of ``balanced``
    against torch's ``dedup_save_plans`` (index build included, cold);
 2. a random-layout summary (:func:`dcplan.workloads.random_layouts`): wins,
-   ties and losses of ``balanced`` against each reference, and the worst ratio;
-3. which portfolio entry the local search started from, how often.
+   ties and losses of ``balanced`` against each reference (torch's greedy, plain
+   LPT, the best of 12 LPT variants), and the worst ratio;
+3. which portfolio entry the local search started from, how often;
+4. ``split`` against the exact divisible bound on random mixed-style layouts of
+   64-256 ranks (``--split-random``).
 """
 
 from __future__ import annotations

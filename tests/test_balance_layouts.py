@@ -163,7 +163,7 @@ def _split_ratio(plans: list[SavePlan], **options: Any) -> float:
 
 @pytest.mark.parametrize("style", ["ddp", "hsdp", "tp_pp_dp_cp", "ep"])
 def test_split_within_half_a_percent_on_generated_layouts_of_64_ranks(style: str) -> None:
-    # one layout style (laminar replica groups, where the divisible bound is exact); items of
+    # one layout style at a time; items of
     # 64 KiB .. 1 GiB, so that row granularity does not dominate a rank's share
     for wl in workloads.random_layouts(6, seed=20, min_world=64, max_world=200, size_range=(16, 30), styles=[style]):
         assert _split_ratio(wl.plans) <= 1.005, wl.name
