@@ -13,8 +13,11 @@ Prints three tables:
    ``split`` (against the divisible bound), and the dedup time of ``balanced``
    against torch's ``dedup_save_plans`` (index build included, cold);
 2. a random-layout summary (:func:`dcplan.workloads.random_layouts`): wins,
-   ties and losses of ``balanced`` against each reference, and the worst ratio;
-3. which portfolio entry the local search started from, how often.
+   ties and losses of ``balanced`` against each reference (torch's greedy, plain
+   LPT, the best of 12 LPT variants), and the worst ratio;
+3. which portfolio entry the local search started from, how often;
+4. ``split`` against the exact divisible bound on random mixed-style layouts of
+   64-256 ranks (``--split-random``).
 """
 
 from __future__ import annotations
@@ -27,23 +30,47 @@ import time
 from typing import Any
 
 
-def lpt_busiest(plans: Any, idx: Any) -> int:
-    """Plain LPT on the index (largest first, stable; least-loaded holder, ties lowest rank)."""
+def lpt_busiest(plans: Any, idx: Any, fixed_first: bool = False, order: str = "first", tie: str = "low") -> int:
+    """Plain LPT on the index (largest first, stable; least-loaded holder, ties lowest rank).
+
+    Variants: ``fixed_first`` (single-holder items counted first), ``order="last"`` (equal sizes: last
+    seen first), ``tie`` "high" (highest rank) or "torch" (``min`` over the ``set`` of holders)."""
     import numpy as np
 
     nb = idx.nbytes
     load = [0] * idx.world_size
-    for k in np.argsort(-np.asarray(nb, dtype=np.int64), kind="stable").tolist():
+    keys = np.arange(len(nb))
+    if order == "last":
+        keys = keys[::-1]
+    seq = keys[np.argsort(-np.asarray(nb, dtype=np.int64)[keys], kind="stable")].tolist()
+    if fixed_first:
+        for k in seq:
+            if len(idx.holders[k]) == 1:
+                load[idx.holders[k][0]] += nb[k]
+        seq = [k for k in seq if len(idx.holders[k]) > 1]
+    for k in seq:
         hs = idx.holders[k]
-        r = hs[0] if len(hs) == 1 else min(hs, key=lambda r: (load[r], r))
+        if len(hs) == 1:
+            r = hs[0]
+        elif tie == "torch":
+            r = min(set(hs), key=load.__getitem__)
+        else:
+            r = min(hs, key=lambda r: (load[r], r if tie == "low" else -r))
         load[r] += nb[k]
     return max(load, default=0)
 
 
-def _time(fn: Any) -> tuple[float, Any]:
-    from dcplan.save.index import clear_index_cache
+def lpt_variants_busiest(plans: Any, idx: Any) -> int:
+    """The best of 12 LPT variants (fixed first or not x equal-size order x holder ties)."""
+    return min(
+        lpt_busiest(plans, idx, ff, order, tie)
+        for ff in (False, True)
+        for order in ("first", "last")
+        for tie in ("low", "high", "torch")
+    )
 
-    clear_index_cache()
+
+def _time(fn: Any) -> tuple[float, Any]:
     gc.collect()
     t0 = time.perf_counter()
     out = fn()
@@ -85,9 +112,9 @@ def random_summary(count: int, seed: int, min_world: int, max_world: int) -> dic
     from dcplan.save.report import build_report
     from dcplan_size_balanced import balanced_solution
 
-    tally = {"torch": [0, 0, 0], "lpt": [0, 0, 0]}
-    worst = {"torch": 0.0, "lpt": 0.0}
-    best = {"torch": 1.0, "lpt": 1.0}
+    tally = {"torch": [0, 0, 0], "lpt": [0, 0, 0], "lpt_variants": [0, 0, 0]}
+    worst = {"torch": 0.0, "lpt": 0.0, "lpt_variants": 0.0}
+    best = {"torch": 1.0, "lpt": 1.0, "lpt_variants": 1.0}
     starts: dict[str, int] = {}
     gap = 0.0
     for wl in workloads.random_layouts(count, seed=seed, min_world=min_world, max_world=max_world):
@@ -97,6 +124,7 @@ def random_summary(count: int, seed: int, min_world: int, max_world: int) -> dic
         refs = {
             "torch": build_report(wl.plans, compat.torch_dedup_save_plans(wl.plans), index=idx).busiest_bytes,
             "lpt": lpt_busiest(wl.plans, idx),
+            "lpt_variants": lpt_variants_busiest(wl.plans, idx),
         }
         for name, ref in refs.items():
             b = ours.busiest_bytes
@@ -108,6 +136,42 @@ def random_summary(count: int, seed: int, min_world: int, max_world: int) -> dic
     return {"count": count, "tally": tally, "worst": worst, "best": best, "starts": starts, "worst_vs_lb": gap}
 
 
+def split_summary(count: int, seed: int) -> dict[str, Any]:
+    """``split`` (auto) / the exact divisible bound on random mixed-style layouts of 64-256 ranks
+    (items 64 KiB .. 1 GiB); "fine" = layouts whose per-rank share is at least 500 rows of their
+    coarsest replicated tensor (below that, row granularity limits any slicing)."""
+    from dcplan import workloads
+    from dcplan.save.index import PlanIndex
+    from dcplan.save.report import build_report
+    from dcplan_split import split
+
+    worst_all = worst_fine = 0.0
+    fine = mixed = 0
+    over = 0
+    t = 0.0
+    for wl in workloads.random_layouts(count, seed=seed, min_world=64, max_world=256, size_range=(16, 30)):
+        idx = PlanIndex(wl.plans)
+        t0 = time.perf_counter()
+        out = split(wl.plans, index=idx)
+        t += time.perf_counter() - t0
+        rep = build_report(wl.plans, out, index=idx)
+        r = rep.divisible_ratio
+        worst_all = max(worst_all, r)
+        mixed += "+" in wl.name
+        row = 0
+        for k, hs in enumerate(idx.holders):
+            if len(hs) > 1:
+                td = idx.first[k].tensor_data
+                dims = [d for d in td.chunk.sizes if d > 1] if td is not None and td.chunk is not None else []
+                row = max(row, idx.nbytes[k] // dims[0] if dims else idx.nbytes[k])
+        if rep.divisible_bound >= 500 * row:
+            fine += 1
+            worst_fine = max(worst_fine, r)
+            over += r > 1.005
+    return {"count": count, "mixed": mixed, "fine": fine, "worst_fine": worst_fine, "worst_all": worst_all,
+            "over": over, "time": t}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small workloads and 300 random layouts")
@@ -115,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-world", type=int, default=2)
     parser.add_argument("--max-world", type=int, default=64)
+    parser.add_argument("--split-random", type=int, default=None,
+                        help="random layouts of 64-256 ranks for split (default 100 quick, 300 full)")
     parser.add_argument("--only", default=None, metavar="TEXT", help="only workloads whose name contains TEXT")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -139,11 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {count} random layouts (seed {args.seed}, {args.min_world}-{args.max_world} ranks)\n")
         print("| reference | wins | ties | losses | worst balanced / reference | best |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name in ("torch", "lpt"):
+        for name in ("torch", "lpt", "lpt_variants"):
             w, t, lo = s["tally"][name]
             print(f"| {name} | {w} | {t} | {lo} | {s['worst'][name]:.4f} | {s['best'][name]:.4f} |")
         print(f"\nworst balanced / lower bound: {s['worst_vs_lb']:.4f}; local search started from: "
               + ", ".join(f"{k} {v}" for k, v in sorted(s["starts"].items())))
+    count = args.split_random if args.split_random is not None else (100 if args.quick else 300)
+    if count:
+        s = split_summary(count, args.seed)
+        print(f"\n## split on {count} random layouts of 64-256 ranks (seed {args.seed}, {s['mixed']} of mixed styles)\n")
+        print(f"busiest / exact divisible bound: worst {s['worst_fine']:.4f} on the {s['fine']} layouts whose "
+              f"share is >= 500 rows ({s['over']} above 1.005); worst {s['worst_all']:.4f} on all "
+              f"(row granularity); split time {s['time']:.1f} s in all")
     return 0
 
 

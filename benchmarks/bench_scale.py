@@ -138,9 +138,9 @@ def simulate_ranks(plans: list[Any]) -> dict[str, Any]:
 
 
 def _timed(fn: Any, memory: bool) -> tuple[float, Any, int | None]:
-    from dcplan.save.index import clear_index_cache
+    from dcplan.save.cache import clear_plan_caches
 
-    clear_index_cache()
+    clear_plan_caches()  # (the PlanIndex has no cache of its own: it is an argument)
     gc.collect()
     if memory:
         tracemalloc.start()

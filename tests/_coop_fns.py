@@ -187,28 +187,41 @@ def read_once_bytes(path: str) -> int:
     """What reading every stored record of the checkpoint exactly once costs below dcplan's reader.
 
     Each record is read the way ``dcplan.FileSystemReader`` reads it during a load (its
-    ``_read_item`` stream; ``torch.load`` of a tensor's bytes), so the count is the same on
-    every torch, whatever torch's own reader would read around a record.
+    ``_read_file``: a tensor straight from its record, or ``torch.load`` of the record when the
+    direct path does not read it), whole, into a fresh tensor, so the count is the same on every
+    torch, whatever torch's own reader would read around a record.
     """
     from types import SimpleNamespace
 
     from torch.distributed.checkpoint.planner import LoadItemType
 
+    class _Sink:
+        def resolve_tensor(self, req: Any) -> torch.Tensor:
+            return torch.empty(tuple(req.lengths), dtype=md.state_dict_metadata[req.storage_index.fqn].properties.dtype)
+
+        def commit_tensor(self, req: Any, tensor: torch.Tensor) -> None:
+            pass
+
+        def load_bytes(self, req: Any, value: Any) -> None:
+            pass
+
     reader = MeteredFileSystemReader(path)
     md = reader.read_metadata()
     reader.set_up_storage_reader(md, True)
+    per_file: dict[str, list[Any]] = {}
     for index, info in sorted(md.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
-        file = os.path.join(path, info.relative_path)
-        is_bytes = isinstance(md.state_dict_metadata[index.fqn], compat.BytesStorageMetadata)
-        req = SimpleNamespace(storage_index=index, dest_index=index,
-                              type=LoadItemType.BYTE_IO if is_bytes else LoadItemType.TENSOR)
-        fh = reader._open_data(file)
-        try:
-            stream = reader._read_item(fh, file, os.fstat(fh.fileno()).st_size, req)
-            if not is_bytes:
-                torch.load(stream, map_location="cpu", weights_only=True)
-        finally:
-            fh.close()
+        smd = md.state_dict_metadata[index.fqn]
+        is_bytes = isinstance(smd, compat.BytesStorageMetadata)
+        if is_bytes:
+            lengths: list[int] = []
+        else:
+            chunk = next(c for c in smd.chunks if list(c.offsets) == list(index.offset or c.offsets))
+            lengths = list(chunk.sizes)
+        per_file.setdefault(info.relative_path, []).append(SimpleNamespace(
+            storage_index=index, dest_index=index, storage_offsets=[0] * len(lengths), dest_offsets=[0] * len(lengths),
+            lengths=lengths, type=LoadItemType.BYTE_IO if is_bytes else LoadItemType.TENSOR))
+    for rel, reqs in per_file.items():
+        reader._read_file(path, rel, reqs, _Sink())
     return reader.meter.bytes_read
 
 

@@ -8,6 +8,7 @@ Busiest-rank bytes are measured by the plan report (bytes actually written).
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from dcplan_split import split  # noqa: E402
 MB = 1 << 20
 
 
-def lpt_busiest(plans: list[SavePlan], fixed_first: bool = False) -> int:
-    """Plain LPT, written independently: busiest rank's bytes."""
+def lpt_busiest(plans: list[SavePlan], fixed_first: bool = False, order: str = "first", tie: str = "low") -> int:
+    """Plain LPT, written independently: busiest rank's bytes. Variants: equal sizes in first-seen
+    or last-seen order; holder ties to the lowest or the highest rank."""
     holders: dict[Any, list[int]] = {}
     size: dict[Any, int] = {}
     for r, p in enumerate(plans):
@@ -42,23 +44,33 @@ def lpt_busiest(plans: list[SavePlan], fixed_first: bool = False) -> int:
                 holders[k].append(r)
             size[k] = fast_nbytes(it)
     load = [0] * len(plans)
-    keys = sorted(holders, key=lambda k: -size[k])
+    seen = list(holders)
+    keys = sorted(seen if order == "first" else seen[::-1], key=lambda k: -size[k])
     if fixed_first:
         for k in keys:
             if len(holders[k]) == 1:
                 load[holders[k][0]] += size[k]
         keys = [k for k in keys if len(holders[k]) > 1]
     for k in keys:
-        r = min(holders[k], key=lambda r: (load[r], r))
+        r = min(holders[k], key=lambda r: (load[r], r if tie == "low" else -r))
         load[r] += size[k]
     return max(load, default=0)
+
+
+#: the LPT variants every layout is checked against: (fixed first, equal sizes order, holder ties)
+LPT_VARIANTS = [(ff, o, t) for ff in (False, True) for o in ("first", "last") for t in ("low", "high")]
+
+
+def worst_lpt_variant(plans: list[SavePlan]) -> int:
+    """The best (lowest busiest) of the LPT variants."""
+    return min(lpt_busiest(plans, ff, o, t) for ff, o, t in LPT_VARIANTS)
 
 
 def _compare(plans: list[SavePlan]) -> tuple[int, int, int, int]:
     idx = PlanIndex(plans)
     ours = build_report(plans, balanced(plans, index=idx), index=idx).busiest_bytes
     theirs = build_report(plans, compat.torch_dedup_save_plans(plans), index=idx).busiest_bytes
-    return ours, theirs, lpt_busiest(plans), lpt_busiest(plans, fixed_first=True)
+    return ours, theirs, lpt_busiest(plans), worst_lpt_variant(plans)
 
 
 def _check_layouts(count: int, seed: int, **kwargs: Any) -> dict[str, list[int]]:
@@ -67,7 +79,7 @@ def _check_layouts(count: int, seed: int, **kwargs: Any) -> dict[str, list[int]]
         ours, torch_b, lpt_b, lptf_b = _compare(wl.plans)
         assert ours <= torch_b, f"{wl.name}: {ours} > torch's {torch_b}"
         assert ours <= lpt_b, f"{wl.name}: {ours} > LPT's {lpt_b}"
-        assert ours <= lptf_b, f"{wl.name}: {ours} > LPT (fixed first) {lptf_b}"
+        assert ours <= lptf_b * 1.001, f"{wl.name}: {ours} > the best LPT variant's {lptf_b} (+0.1%)"
         tally["torch"][0 if ours < torch_b else 1] += 1
         tally["lpt"][0 if ours < lpt_b else 1] += 1
     return tally
@@ -151,10 +163,50 @@ def _split_ratio(plans: list[SavePlan], **options: Any) -> float:
 
 @pytest.mark.parametrize("style", ["ddp", "hsdp", "tp_pp_dp_cp", "ep"])
 def test_split_within_half_a_percent_on_generated_layouts_of_64_ranks(style: str) -> None:
-    # one layout style (laminar replica groups, where the divisible bound is exact); items of
+    # one layout style at a time; items of
     # 64 KiB .. 1 GiB, so that row granularity does not dominate a rank's share
     for wl in workloads.random_layouts(6, seed=20, min_world=64, max_world=200, size_range=(16, 30), styles=[style]):
         assert _split_ratio(wl.plans) <= 1.005, wl.name
+
+
+def _largest_row(idx: PlanIndex) -> int:
+    """The largest cut granularity of a replicated item: one row of its split dimension (whole
+    bytes for items that cannot be cut)."""
+    m = 0
+    for k, hs in enumerate(idx.holders):
+        if len(hs) > 1:
+            td = idx.first[k].tensor_data
+            sizes = [s for s in td.chunk.sizes if s > 1] if td is not None and td.chunk is not None else []
+            m = max(m, idx.nbytes[k] // sizes[0] if sizes else idx.nbytes[k])
+    return m
+
+
+def _check_split_on_mixed(count: int, seed: int) -> int:
+    """Split within 0.5 % of the exact divisible bound on mixed-style layouts of 64-256 ranks whose
+    per-rank share is at least 500 rows of their coarsest replicated tensor (below that, row
+    granularity, not the strategy, limits any slicing). Returns how many layouts were checked."""
+    checked = 0
+    for wl in workloads.random_layouts(count, seed=seed, min_world=64, max_world=256, size_range=(16, 30)):
+        idx = PlanIndex(wl.plans)
+        out = split(wl.plans, index=idx)
+        rep = build_report(wl.plans, out, index=idx)
+        if rep.divisible_bound < 500 * _largest_row(idx):
+            continue
+        checked += 1
+        check_dedup(wl.plans, out)
+        assert rep.busiest_bytes <= 1.005 * rep.divisible_bound, (wl.name, rep.divisible_ratio)
+    return checked
+
+
+def test_split_within_half_a_percent_on_mixed_layouts_of_64_plus_ranks() -> None:
+    # overlapping, non-nested replica groups (expert parallel next to DP, random groups...): the
+    # divisible bound is the exact one (max flow), not the per-replica-group one
+    assert _check_split_on_mixed(30, seed=3) >= 25
+
+
+@pytest.mark.slow
+def test_split_within_half_a_percent_on_mixed_layouts_slow_tier() -> None:
+    assert _check_split_on_mixed(300, seed=11) >= 250
 
 
 @pytest.mark.parametrize("spec", [("tp2pp4dp4u", "1b", None), ("ep4dp4", "1b", None), ("hsdp4", "125m", 64)])
@@ -250,3 +302,51 @@ def test_node_mode_never_worse_on_nodes_than_rank_mode_on_generated_layouts() ->
         assert by_node.busiest_node_bytes <= by_rank.busiest_node_bytes, wl.name
         assert by_node.busiest_node_bytes >= by_node.node_lower_bound
         assert sum(by_node.bytes_per_node) == by_node.total_bytes == by_rank.total_bytes
+
+
+# -- LPT tie-rule variants on small integer layouts (many ties) ------------------------------------
+
+
+def _lpt_int(world: int, holders: list[tuple[int, ...]], sizes: list[int], ff: bool, order: str, tie: str) -> int:
+    """LPT on integer sizes, written independently; ``tie`` is "low", "high" or "torch" (set order)."""
+    keys = list(range(len(sizes)))
+    if order == "last":
+        keys.reverse()
+    keys.sort(key=lambda k: -sizes[k])
+    load = [0] * world
+    if ff:
+        for k in keys:
+            if len(holders[k]) == 1:
+                load[holders[k][0]] += sizes[k]
+        keys = [k for k in keys if len(holders[k]) > 1]
+    for k in keys:
+        hs = holders[k]
+        r = min(set(hs), key=load.__getitem__) if tie == "torch" else min(
+            hs, key=lambda r: (load[r], r if tie == "low" else -r))
+        load[r] += sizes[k]
+    return max(load)
+
+
+def _check_small_integer_layouts(count: int, seed: int) -> None:
+    from dcplan.save.report import _bound
+    from dcplan_size_balanced.solver import solve
+
+    variants = [(ff, o, t) for ff in (False, True) for o in ("first", "last") for t in ("low", "high", "torch")]
+    rng = random.Random(seed)
+    for _ in range(count):
+        world = rng.randint(2, 6)
+        n = rng.randint(2, 14)
+        holders = [tuple(sorted(rng.sample(range(world), rng.randint(1, world)))) for _ in range(n)]
+        sizes = [rng.randint(1, rng.choice([3, 10, 100])) for _ in range(n)]
+        sol = solve(world, holders, sizes, lower_bound=_bound(world, holders, sizes)[0])
+        ref = min(_lpt_int(world, holders, sizes, *v) for v in variants)
+        assert sol.busiest <= ref, (world, holders, sizes, sol.busiest, ref)
+
+
+def test_never_worse_than_twelve_lpt_variants_on_small_integer_layouts() -> None:
+    _check_small_integer_layouts(1500, seed=0)
+
+
+@pytest.mark.slow
+def test_never_worse_than_twelve_lpt_variants_on_small_integer_layouts_slow_tier() -> None:
+    _check_small_integer_layouts(30_000, seed=1)

@@ -178,3 +178,13 @@ def test_bad_option_fails_on_every_rank_before_writing(pool, tmp_path) -> None:
     results = pool.run_expect_errors(F.save_bad_options, str(path))
     assert all(status == "err" and "min_slice_bytes" in str(value) for status, value in results)
     assert not path.exists() or not any(path.iterdir())
+
+
+def test_past_the_flow_budget_split_falls_back_to_water_levels(monkeypatch) -> None:
+    import dcplan_split
+
+    monkeypatch.setattr(dcplan_split, "divisible_flow", lambda *a, **k: None)
+    wl = workloads.make("hsdp4", "125m", 16)
+    out = split(wl.plans, min_slice_bytes=4096)
+    check_dedup(wl.plans, out)
+    assert build_report(wl.plans, out).divisible_ratio <= 1.01

@@ -631,3 +631,44 @@ def dcp_save_context(max_depth: int = 16) -> tuple[Any, bool] | None:
             return getattr(dw, "group", None), _writer_ignores_items(writer)
         frame = frame.f_back
     return None
+
+
+# ---------------------------------------------------------------- tensor records (dcplan.storage.record)
+def dtype_by_name(name: str) -> torch.dtype | None:
+    """``torch.<name>`` when it is a dtype (records of torch 2.x name dtypes as ``torch.<name>``)."""
+    obj = getattr(torch, name, None) if name.isidentifier() and not name.startswith("_") else None
+    return obj if isinstance(obj, torch.dtype) else None
+
+
+def legacy_storage_dtype(name: str) -> torch.dtype | None:
+    """The dtype of the legacy typed storage class ``torch.<name>`` (``FloatStorage``...), else ``None``."""
+    if not name.endswith("Storage") or not name.isidentifier() or name.startswith("_"):
+        return None
+    cls = getattr(torch, name, None)
+    legacy = getattr(torch.storage, "_LegacyStorage", None)
+    if not isinstance(cls, type) or legacy is None or not issubclass(cls, legacy):
+        return None
+    try:
+        dtype = cls.dtype  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a storage class without a dtype
+        return None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def strides_are_contiguous(size: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether ``stride`` is the row-major layout of ``size`` (dims of size 1 are free, as in torch)."""
+    expected = 1
+    for s, st in zip(reversed(size), reversed(stride)):
+        if s != 1 and st != expected:
+            return False
+        expected *= s
+    return True
+
+
+def bump_version(t: torch.Tensor) -> None:
+    """Mark ``t`` as modified in place (its autograd version counter), as ``copy_`` would."""
+    fn = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+    if fn is not None:
+        fn(t)
+    elif t.numel() and t.dtype != torch.bool:  # pragma: no cover - older torch: an in-place no-op bumps it
+        t.add_(0)

@@ -11,7 +11,9 @@ is the divisible relaxation of restricted assignment
 where ``L_i`` is rank i's fixed load (bytes of the items only it holds), ``p_j``
 a replicated item's bytes and ``M_j`` its holders. ``K`` ranges over every
 distinct holder set (the replica groups), which is exact for the disjoint and
-laminar layouts that DDP, FSDP, HSDP and TP x PP x DP produce. Bytes are the
+laminar layouts that DDP, FSDP, HSDP and TP x PP x DP produce; for groups that
+overlap without nesting, the max over *every* rank subset is computed by max flow
+(:mod:`dcplan.save.divisible`, within an edge budget) and the bound rises to it. Bytes are the
 bytes actually written (chunk numel x element size, see
 :func:`dcplan.save.local.item_nbytes`). A strategy that *splits* items (``split``)
 may beat this bound: its ratio can be below 1.
@@ -29,6 +31,7 @@ import attrs
 
 from dcplan.compat import SavePlan
 from dcplan.fmt import fmt_bytes
+from dcplan.save.divisible import divisible_flow
 from dcplan.save.index import PlanIndex, index_plans, nbytes_list
 
 log = logging.getLogger("dcplan")
@@ -93,6 +96,14 @@ def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[in
         div = max(div, t)
         if t > lb:
             lb, why = t, f"replica group of {len(g)} ranks ({g[0]}..{g[-1]})"
+    # The exact divisible bound (max over *every* rank subset, by max flow); the per-holder-set
+    # terms above are exact only for nested groups. Past the edge budget, keep them.
+    flow = divisible_flow(fixed, group_bytes, start=div)
+    if flow is not None and flow.bound > div:
+        div = flow.bound
+        if div > lb:
+            tight = flow.tight
+            lb, why = div, f"divisible bound over {len(tight)} ranks ({tight[0]}..{tight[-1]})"
     return lb, why, div
 
 

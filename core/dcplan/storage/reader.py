@@ -6,9 +6,13 @@
 * A missing, empty or truncated data file is a :class:`CorruptCheckpointError` that names
   the file, the item and the bytes expected.
 * When the checkpoint carries dcplan checksums (written by :class:`dcplan.FileSystemWriter`)
-  each item's bytes are checked before they are used; a mismatch names the file, the item
-  and the offset. ``verify_checksums=False`` skips the check. Checkpoints written by
-  torch's own writer have no checksums and load as before.
+  each item's bytes are hashed as they are read (each byte once, in 256 KiB blocks) and
+  checked; a mismatch names the file, the item and the offset. ``verify_checksums=False``
+  skips the check. Checkpoints written by torch's own writer have no checksums and load as before.
+* A tensor is read straight from its ``torch.save`` record into the destination tensor when
+  the record is a plain tensor record (:mod:`dcplan.storage.record`), else through
+  ``torch.load(weights_only=True)``. On the direct path a checksum mismatch is found after
+  the bytes reached the destination: the load raises, but the destination may hold them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dcplan.load.safe import (
     read_metadata_file,
 )
 from dcplan.storage.checksum import ALGORITHM, Checksums, digest_bytes, has_checksums, read_sidecar, sidecar_name
+from dcplan.storage.record import contiguous_span, parse_record, read_layout, writable_into
 
 __all__ = ["FileSystemReader", "confined_path", "load_checksums"]
 
@@ -221,6 +226,10 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
         try:
             size = os.fstat(fh.fileno()).st_size
             for req in reqs:
+                if req.type != LoadItemType.BYTE_IO:
+                    self._check_bounds(path, size, req)
+                    if self._read_tensor_direct(fh, path, req, planner):
+                        continue
                 stream = self._read_item(fh, path, size, req)
                 try:
                     self._use_item(path, req, stream, planner)
@@ -237,8 +246,7 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
         """
         return open(path, "rb")  # noqa: SIM115 - closed by _read_file
 
-    def _read_item(self, fh: Any, path: str, size: int, req: Any) -> Any:
-        """Bounds-check and checksum one item; a stream over its bytes for :meth:`_use_item`."""
+    def _check_bounds(self, path: str, size: int, req: Any) -> None:
         info = self.storage_data[req.storage_index]
         offset, length = int(info.offset), int(info.length)
         if offset + length > size:
@@ -247,6 +255,61 @@ class FileSystemReader(_TorchFileSystemReader):  # type: ignore[misc]
                 f"data file {path} is {what}, but item {_item_name(req)} needs bytes {offset}..{offset + length}; "
                 "the checkpoint was not fully written or was damaged: restore the file or re-save"
             )
+
+    def _read_tensor_direct(self, fh: Any, path: str, req: Any, planner: Any) -> bool:
+        """Read a tensor item straight from its record into the destination (:mod:`.record`).
+
+        ``False`` (nothing used, nothing resolved) when the record is not one the direct path
+        reads; the caller then takes the ``torch.load`` path. The item's bytes are read once,
+        in file order, in 256 KiB blocks, each hashed right after it is read. When the stored
+        chunk matches the destination (same dtype, contiguous CPU memory, a contiguous part of
+        the chunk), the bytes go straight into the destination: on a checksum mismatch the
+        destination may then already hold them when the error is raised.
+        """
+        info = self.storage_data[req.storage_index]
+        if getattr(info, "transform_descriptors", None):
+            return False
+        offset, length = int(info.offset), int(info.length)
+        layout = parse_record(fh, offset, length)
+        if layout is None:
+            return False
+        offsets, lengths = tuple(int(x) for x in req.storage_offsets), tuple(int(x) for x in req.lengths)
+        if len(lengths) != len(layout.size) or any(o + n > s for o, n, s in zip(offsets, lengths, layout.size)):
+            return False  # torch.load's path reports it
+        target = planner.resolve_tensor(req).detach()
+        if tuple(target.size()) != lengths:
+            raise CorruptCheckpointError(
+                f"item {_item_name(req)} in {path}: stored chunk has size {list(lengths)}, "
+                f"the load plan expects {list(target.size())}"
+            )
+        esize = target.element_size() if target.dtype == layout.dtype else None
+        span = contiguous_span(layout.size, offsets, lengths)
+        if span is not None and esize is not None and writable_into(target, layout.dtype):
+            dest, start = target, layout.data_start + span * esize
+        else:
+            dest, start = torch.empty(layout.size, dtype=layout.dtype), layout.data_start
+        hasher = xxhash.xxh3_64() if self.checksums is not None else None
+        try:
+            read_layout(fh, path, offset, length, layout, start, dest, hasher)
+        except EOFError:
+            raise CorruptCheckpointError(
+                f"data file {path} ended while reading item {_item_name(req)} at offset {offset}; "
+                "it was truncated while being read: restore the file or re-save"
+            ) from None
+        if hasher is not None:
+            self._check(path, info.relative_path, offset, length, hasher.hexdigest(), req)
+        if dest is not target:
+            target.copy_(compat.narrow_tensor_by_index(dest, offsets, lengths))
+        else:
+            compat.bump_version(target)  # written behind autograd's back, like copy_ would have
+        planner.commit_tensor(req, target)
+        return True
+
+    def _read_item(self, fh: Any, path: str, size: int, req: Any) -> Any:
+        """Bounds-check and checksum one item; a stream over its bytes for :meth:`_use_item`."""
+        info = self.storage_data[req.storage_index]
+        offset, length = int(info.offset), int(info.length)
+        self._check_bounds(path, size, req)
         if req.type == LoadItemType.BYTE_IO:
             fh.seek(offset)
             data = fh.read(length)

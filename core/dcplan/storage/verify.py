@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dcplan.load.safe import CheckpointPathError, CorruptCheckpointError
-from dcplan.storage.checksum import ALGORITHM, Checksums, digest_bytes, sidecar_name
+from dcplan.storage.checksum import ALGORITHM, BLOCK, Checksums, digest_bytes, sidecar_name
 from dcplan.storage.reader import FileSystemReader, confined_path, load_checksums
 from dcplan.storage.writer import leftovers
 
@@ -30,7 +30,7 @@ __all__ = ["Problem", "VerifyReport", "file_state", "verify_checkpoint"]
 
 #: a progress bar is shown (on a terminal) when at least this many bytes are hashed
 PROGRESS_BYTES = 256 << 20
-_READ_BLOCK = 16 << 20
+_READ_BLOCK = BLOCK  # hashed right after it is read, while in the CPU cache
 
 
 @dataclasses.dataclass(frozen=True)

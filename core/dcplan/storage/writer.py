@@ -75,15 +75,16 @@ class SealedStorageInfo:
 class _ChecksumFileSystem(FileSystem):  # type: ignore[misc]
     """torch's ``FileSystem`` whose data-file write streams hash what is written."""
 
-    def __init__(self) -> None:
+    def __init__(self, checksums: bool = True) -> None:
         super().__init__()
+        self.checksums = checksums
         self.segments: dict[str, dict[tuple[int, int], str]] = {}
         self.crash_rank: int | None = None
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[Any, None, None]:
         with super().create_stream(path, mode) as stream:
-            if "w" not in mode or not os.fspath(path).endswith(".distcp"):
+            if not self.checksums or "w" not in mode or not os.fspath(path).endswith(".distcp"):
                 yield stream
                 return
             hashing = HashingStream(stream)
@@ -109,7 +110,7 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
     def __init__(self, path: str | os.PathLike[str], *args: Any, checksums: bool = True, **kwargs: Any) -> None:
         self.checksums = bool(checksums)
         super().__init__(path, *args, **kwargs)
-        self._hashing_fs = _ChecksumFileSystem()
+        self._hashing_fs = _ChecksumFileSystem(self.checksums)
         self.fs = self._hashing_fs
         self.save_id = new_save_id(self.checksums)
         self._dcplan_rank: int | None = None
@@ -150,6 +151,7 @@ class FileSystemWriter(_TorchFileSystemWriter):  # type: ignore[misc]
         token = save_token(self.save_id)
         plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"{prefix}{token}_"))
         self._hashing_fs.segments = {}
+        self._hashing_fs.checksums = self.checksums  # checksums=False: nothing is hashed
         future = super().write_data(plan, planner)
         if not self.checksums:
             return future

@@ -22,6 +22,14 @@ improves it by moves and swaps off the busiest rank:
    *fullest* holder it fits on under the lower bound (best fit), else to the
    least-loaded one. This finds packings no list order finds (issue 15's
    4-rank example: 25 MB where the orders above give 35 MB).
+6. :data:`LPT_VARIANTS`: LPT and LPT with fixed loads first under other tie
+   rules (equal sizes last seen first; holder ties to the highest rank or in
+   torch's set order), ten greedy passes built one by one after the first
+   local search, only while the result is more than 0.1 % above the lower
+   bound (no LPT can go below it); one better than the result is improved by
+   the local search too. On small integer layouts, where ties decide,
+   they keep the result at or below every such LPT (0 losses in 60,000
+   layouts against 12 variants; 8 losses without them).
 
 The local search then repeats: take the busiest rank ``b`` (ties: lowest);
 move one of its items to another holder, or swap one of its items with a
@@ -58,7 +66,18 @@ WORK_PER_ITEM = 30
 MIN_WORK = 200_000
 
 #: portfolio entries, in the order that breaks ties between equally good ones
-PREFERENCE = ("fixed", "fewest_holders", "lpt_fixed", "lpt", "target", "torch")
+#: LPT tie-rule variants (item order for equal sizes, holder ties, fixed loads first or not), built
+#: after the entries above only while none has reached the lower bound: name -> (order, tie, fixed first)
+LPT_VARIANTS: dict[str, tuple[str, str, bool]] = {
+    f"lpt{'_fixed' if ff else ''}_{order}_{tie}": (order, tie, ff)
+    for ff in (False, True)
+    for order in ("first", "last")
+    for tie in ("low", "high", "torch")
+    if (order, tie) != ("first", "low")  # that one is ``lpt`` / ``lpt_fixed``
+}
+#: the variants are skipped once the result is within 1 / VARIANT_SLACK of the lower bound (0.1 %)
+VARIANT_SLACK = 1000
+PREFERENCE = ("fixed", "fewest_holders", "lpt_fixed", "lpt", "target", *LPT_VARIANTS, "torch")
 
 
 @attrs.frozen
@@ -104,13 +123,18 @@ def greedy(
     owner: list[int],
     torch_ties: bool = False,
     gid: Sequence[int] | None = None,
-) -> None:
+    high: bool = False,
+    stop_at: int | None = None,
+) -> bool:
     """Give each key of ``order`` to its least-loaded holder, by ``weight`` (updates ``load``/``owner``).
 
     Ties go to the lowest rank, or with ``torch_ties`` to the first in the
     iteration order of the ``set`` torch builds (ranks added in ascending
     order; ``set(tuple)`` inserts in the same order, so the running
     interpreter reproduces torch's ``min(set, key=load)`` exactly).
+    With ``high``, ties go to the highest rank instead. With ``stop_at``, it gives up
+    (returns ``False``) as soon as a load reaches it: loads only grow, so that
+    assignment cannot end below ``stop_at``.
     ``gid``: :func:`group_ids` of ``holders`` (computed here when ``None``).
     A holder set used once is scanned; the others get one lazy min-heap each:
     an entry whose recorded load is stale is refreshed when it reaches the top;
@@ -122,25 +146,31 @@ def greedy(
     at = load.__getitem__
     heaps: dict[int, list[tuple[int, int, int]]] = {}
     replace = heapq.heapreplace
+    stop = stop_at if stop_at is not None else 1 << 126
     for k in order:
         hs = holders[k]
         if len(hs) == 1:
             r = hs[0]
             owner[k] = r
             load[r] += weight[k]
+            if load[r] >= stop:
+                return False
             continue
         g = gid[k]
         if uses[g] == 1:
-            r = min(set(hs) if torch_ties else hs, key=at)  # first minimum: torch's, or the lowest rank
+            # first minimum: torch's, or the lowest rank (the highest: scan backwards)
+            r = min(set(hs) if torch_ties else reversed(hs) if high else hs, key=at)
             owner[k] = r
             load[r] += weight[k]
+            if load[r] >= stop:
+                return False
             continue
         heap = heaps.get(g)
         if heap is None:
             if torch_ties:
                 heap = [(load[r], i, r) for i, r in enumerate(set(hs))]
             else:
-                heap = [(load[r], r, r) for r in hs]
+                heap = [(load[r], -r if high else r, r) for r in hs]
             heapq.heapify(heap)
             heaps[g] = heap
         while True:
@@ -153,6 +183,9 @@ def greedy(
         cur += weight[k]
         load[r] = cur
         replace(heap, (cur, p, r))
+        if cur >= stop:
+            return False
+    return True
 
 
 def _loads(fixed: Sequence[int], rep: Sequence[int], owner: Sequence[int], sizes: Sequence[int]) -> list[int]:
@@ -246,6 +279,25 @@ def solve(
     def best() -> int:
         return min(busiest(ld) for _, ld in candidates.values())
 
+    orders: dict[tuple[bool, str], list[int]] = {}
+
+    def _lpt_variant(name: str, order: str, tie: str, fixed_first: bool, stop_at: int) -> bool:
+        seq = orders.get((fixed_first, order))
+        if seq is None:
+            ks = np.asarray(rep if fixed_first else range(n), dtype=np.int64)
+            sz = np.asarray(sizes, dtype=np.int64)[ks]
+            if order == "last":  # equal sizes: last seen first
+                ks, sz = ks[::-1], sz[::-1]
+            seq = orders[fixed_first, order] = ks[np.argsort(-sz, kind="stable")].tolist()
+        owner = list(base_owner)
+        load = list(fixed) if fixed_first else [0] * world
+        if fixed_first and max(load, default=0) >= stop_at:
+            return False
+        if not greedy(world, holders, seq, sizes, load, owner, tie == "torch", gid, high=tie == "high", stop_at=stop_at):
+            return False  # it reached the result's busiest load: it cannot beat it
+        add(name, owner)
+        return True
+
     if not rep:
         add("fixed", list(base_owner))
     else:
@@ -270,6 +322,15 @@ def solve(
     steps = max_steps if max_steps is not None else min(4 * (world + len(rep)), MAX_STEPS)
     shape = (gid, groups)
     result = _search(candidates, world, holders, sizes, rep, lower_bound, steps, shape)
+    if rep and result.busiest > lower_bound + lower_bound // VARIANT_SLACK:
+        # an LPT variant cannot go below the bound: past 0.1 % above it, try them one by one
+        for name, (order, tie, ff) in LPT_VARIANTS.items():
+            if _lpt_variant(name, order, tie, ff, result.busiest):
+                alt = _search({name: candidates[name]}, world, holders, sizes, rep, lower_bound, steps, shape)
+                if alt.busiest < result.busiest:
+                    result = alt
+            if result.busiest <= lower_bound + lower_bound // VARIANT_SLACK:
+                break
     if rep and result.busiest > lower_bound and torch_weights is not None:
         tw = torch_weights() if callable(torch_weights) else torch_weights
         owner = list(base_owner)

@@ -6,19 +6,25 @@ the limit: a replicated tensor is cut into contiguous slices along its first
 dimension of size > 1 and each slice is written by a different holder, so the
 busiest rank gets within one slice boundary of the ideal level.
 
-Algorithm, per replica group (distinct holder set, fewest holders first):
+Algorithm:
 
-1. every rank's fixed load (items only it holds) is counted first;
-2. items that are too small to split (``< 2 * min_slice_bytes``, 0-d tensors,
-   non-tensor objects) are assigned whole, largest first, to the least-loaded
-   holder (ties: lowest rank), as ``size_balanced``'s ``balanced`` mode does;
-3. the remaining bytes ``P`` define the group's water level ``T`` (the smallest
-   level at which the holders' free room ``sum max(0, T - load)`` takes ``P``);
-4. the large items, largest first, are poured across the holders in rank order
-   (McNaughton's wrap-around rule): a holder takes bytes until it reaches ``T``,
-   the item's next rows go to the next holder. Cuts are on row boundaries;
-   slices smaller than ``min_slice_bytes`` are merged into a neighbour and an
-   item is cut into at most ``max_slices`` slices.
+1. the exact divisible bound ``T`` and an integral flow reaching it
+   (:func:`dcplan.save.divisible.divisible_flow`: per distinct holder set and
+   rank, how many of the set's bytes that rank writes, fixed loads counted);
+2. per holder set, items too small to split (``< 2 * min_slice_bytes``, 0-d
+   tensors, non-tensor objects) go whole, largest first, to the holder with the
+   most quota left (ties: lowest rank);
+3. a second flow re-spreads the large items' bytes with those whole items
+   counted as fixed loads, giving fresh quotas;
+4. per holder set, the large items, largest first, are poured across the
+   holders in rank order (McNaughton's wrap-around rule): each holder takes
+   rows up to its quota plus an allowance (at most one row, the smallest with
+   which the last holder fits too), the item's next rows go to the next
+   holder. Slices smaller than ``min_slice_bytes`` are merged into a neighbour
+   and an item is cut into at most ``max_slices`` slices.
+
+Past the flow's edge budget (very many distinct overlapping holder sets) it
+falls back to per-replica-group water levels (fewest holders first).
 
 A split item becomes ``WriteItemType.SHARD`` items whose chunks are the slices
 (offsets/sizes inside the held chunk), so the checkpoint's metadata lists the
@@ -28,17 +34,18 @@ slices as chunks. Any loader reads it: dcplan's, torch's ``DefaultLoadPlanner``
 slice (torch's planner can only resolve whole local chunks).
 
 Options (``strategy_options``): ``min_slice_bytes`` (default ``"auto"``) and
-``max_slices`` (default 64). ``"auto"`` picks, per replica group, the smaller
-of 1 MiB and 0.2 % of the group's level (never below 1 byte), so the busiest
-rank stays within about 0.2-0.4 % of the divisible bound however small each
-rank's share is; an integer is a fixed floor (fewer, larger writes; the busiest
-rank can exceed the level by up to about one ``min_slice_bytes``).
+``max_slices`` (default 1024). ``"auto"`` tries a 1 MiB floor, then smaller
+ones (at most 0.1 % of the bound, then 8x smaller each time) while the busiest
+rank is more than :data:`AUTO_FRACTION` (0.2 %) above the divisible bound,
+keeping the best; an integer is a fixed floor (fewer, larger writes; the
+busiest rank can exceed the level by up to about one ``min_slice_bytes``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +54,7 @@ import torch
 import dcplan
 from dcplan.compat import ChunkStorageMetadata, MetadataIndex, SavePlan, WriteItem, WriteItemType, replace_plan
 from dcplan.gcpause import paused_gc
+from dcplan.save.divisible import DivisibleFlow, divisible_flow, group_items
 from dcplan.save.index import PlanIndex, index_plans
 
 __all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES", "AUTO_FRACTION"]
@@ -54,7 +62,7 @@ __all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "D
 #: the largest slice floor ``"auto"`` uses (and the floor of older releases)
 DEFAULT_MIN_SLICE_BYTES = 1 << 20
 DEFAULT_MAX_SLICES = 1024
-#: ``min_slice_bytes = "auto"``: the floor is at most this fraction of the group's level
+#: ``min_slice_bytes = "auto"``: retry with smaller floors while the busiest rank is this fraction above the bound
 AUTO_FRACTION = 0.002
 
 
@@ -123,8 +131,172 @@ def split_pieces(
 ) -> tuple[list[int], dict[int, list[tuple[int, WriteItem]]]]:
     """Owners of whole items (``-1`` for split ones) and, per split key, its ``(rank, slice item)`` list.
 
-    ``min_slice_bytes``: an integer floor, or ``"auto"`` (per group, see the module doc).
+    ``min_slice_bytes``: an integer floor, or ``"auto"`` (1 MiB, then smaller floors while the
+    busiest rank is more than :data:`AUTO_FRACTION` above the divisible bound; see the module doc).
     """
+    nb = idx.nbytes
+    fixed, group_bytes = group_items(idx.holders, nb, idx.world_size)
+    # every rank together is one subset: its average is a valid start for the search
+    start = -(-(sum(fixed) + sum(group_bytes.values())) // max(1, idx.world_size))
+    flow = divisible_flow(fixed, group_bytes, start=start)
+    if flow is None:  # past the edge budget: per replica group water levels (module doc, fallback)
+        floor = DEFAULT_MIN_SLICE_BYTES if min_slice_bytes == "auto" else int(min_slice_bytes)
+        return _water_pieces(idx, floor, max_slices)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, hs in enumerate(idx.holders):
+        if len(hs) > 1:
+            groups.setdefault(tuple(hs), []).append(k)
+    if min_slice_bytes != "auto":
+        return _quota_pieces(idx, fixed, groups, flow, int(min_slice_bytes), max_slices)[:2]
+    target = flow.bound * (1 + AUTO_FRACTION)
+    floor = DEFAULT_MIN_SLICE_BYTES
+    best: tuple[list[int], dict[int, list[tuple[int, WriteItem]]], int] | None = None
+    while True:
+        got = _quota_pieces(idx, fixed, groups, flow, floor, max_slices)
+        if best is None or got[2] < best[2]:
+            best = got
+        if best[2] <= target or floor <= 1:
+            return best[0], best[1]
+        # retry with smaller slices: the overshoot is about one slice floor per rank and replica group
+        floor = max(1, min(floor // 8, int(AUTO_FRACTION * flow.bound / 2)))
+
+
+def _quota_pieces(
+    idx: PlanIndex,
+    fixed: Sequence[int],
+    groups: dict[tuple[int, ...], list[int]],
+    flow: DivisibleFlow,
+    min_bytes: int,
+    max_slices: int,
+) -> tuple[list[int], dict[int, list[tuple[int, WriteItem]]], int]:
+    """Pieces that follow the exact divisible flow's quotas; the third value is the busiest rank's bytes."""
+    nb = idx.nbytes
+    owner = [h[0] for h in idx.holders]
+    threshold = 2 * min_bytes
+    load = list(fixed)
+    big_of: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    # 1. items too small to split: largest first, to the holder with the most quota left
+    for g, q in zip(flow.groups, flow.quotas):
+        left = dict.fromkeys(g, 0)
+        left.update(q)
+        whole: list[int] = []
+        big: list[tuple[int, int]] = []
+        for k in groups[g]:
+            dim = _split_dim(idx.first[k]) if nb[k] >= threshold else None
+            if dim is None:
+                whole.append(k)
+            else:
+                big.append((k, dim))
+        whole.sort(key=lambda k: (-nb[k], k))
+        heap = [(-left[r], r) for r in g]
+        heapq.heapify(heap)
+        for k in whole:
+            r = heap[0][1]
+            owner[k] = r
+            load[r] += nb[k]
+            left[r] -= nb[k]
+            heapq.heapreplace(heap, (-left[r], r))
+        if big:
+            big.sort(key=lambda kd: (-nb[kd[0]], kd[0]))
+            big_of[g] = big
+    # 2. the splittable bytes get fresh quotas around the whole items just placed
+    big_bytes = {g: sum(nb[k] for k, _ in big) for g, big in big_of.items()}
+    flow2 = divisible_flow(load, big_bytes, start=flow.bound)
+    assert flow2 is not None  # a sub-graph of a graph within the budget
+    pieces_of: dict[int, list[tuple[int, WriteItem]]] = {}
+    for g, q in zip(flow2.groups, flow2.quotas):
+        # 3. pour the large items over the holders in rank order, each up to its quota (McNaughton)
+        ranks = [r for r in g if q.get(r, 0) > 0]
+        bounds = list(itertools.accumulate(q[r] for r in ranks))
+        _pour(idx, big_of[g], ranks, bounds, min_bytes, max_slices, owner, load, pieces_of)
+    return owner, pieces_of, max(load, default=0)
+
+
+def _pour(
+    idx: PlanIndex,
+    big: Sequence[tuple[int, int]],
+    g: Sequence[int],
+    bounds: Sequence[int],
+    min_bytes: int,
+    max_slices: int,
+    owner: list[int],
+    load: list[int],
+    pieces_of: dict[int, list[tuple[int, WriteItem]]],
+) -> None:
+    """Cut ``big`` items (largest first, concatenated) at row boundaries so that rank ``g[j]`` writes
+    about ``bounds[j] - bounds[j - 1]`` bytes (McNaughton's wrap-around rule).
+
+    Cuts fall on row boundaries, so a rank can exceed its quota: each rank in turn takes rows up to
+    its quota plus an allowance ``a`` (the last one takes the rest), with ``a`` the smallest that
+    keeps the last rank within its quota plus ``a`` too (bisection; ``a`` is at most one row).
+    """
+    nb = idx.nbytes
+    rows_of: list[int] = []
+    row_bytes: list[int] = []
+    starts = [0]
+    for k, dim in big:
+        td = idx.first[k].tensor_data
+        assert td is not None and td.chunk is not None
+        rows = td.chunk.sizes[dim]
+        rows_of.append(rows)
+        row_bytes.append(nb[k] // rows)
+        starts.append(starts[-1] + rows * row_bytes[-1])
+    total = starts[-1]
+    quota = [b - a for a, b in zip([0, *bounds[:-1]], bounds)]
+    last = len(g) - 1
+
+    def cuts_for(allow: int) -> list[int]:
+        out = []
+        prev = 0
+        i = 0
+        for j in range(last):
+            x = min(total, prev + quota[j] + allow)
+            while i + 1 < len(big) and starts[i + 1] <= x:
+                i += 1
+            c = starts[i] + (x - starts[i]) // row_bytes[i] * row_bytes[i] if x < starts[i + 1] else starts[i + 1]
+            prev = max(prev, c)
+            out.append(prev)
+        return out
+
+    lo, hi = 0, max(row_bytes, default=0)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if total - (cuts_for(mid)[-1] if last else 0) <= quota[last] + mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    cuts = [*cuts_for(lo), total]
+    j = 0
+    for i, (k, dim) in enumerate(big):
+        item = idx.first[k]
+        rb = row_bytes[i]
+        s0, s1 = starts[i], starts[i + 1]
+        cur: list[list[int]] = []
+        while j < last and cuts[j] <= s0:
+            j += 1
+        jj = j
+        lo_row = 0
+        while lo_row < rows_of[i]:
+            hi_row = rows_of[i] if cuts[jj] >= s1 else (cuts[jj] - s0) // rb
+            if hi_row > lo_row:
+                cur.append([g[jj], lo_row, hi_row])
+            lo_row = max(lo_row, hi_row)
+            jj += 1
+        _merge_small(cur, rb, min_bytes, max_slices)
+        for r, a, b in cur:
+            load[r] += (b - a) * rb
+        if len(cur) == 1:
+            owner[k] = cur[0][0]
+            continue
+        owner[k] = -1
+        pieces_of[k] = [(r, _piece(item, dim, a, b)) for r, a, b in cur]
+
+
+def _water_pieces(
+    idx: PlanIndex, floor: int, max_slices: int
+) -> tuple[list[int], dict[int, list[tuple[int, WriteItem]]]]:
+    """The fallback past the flow's edge budget: per replica group (fewest holders first), whole
+    items to the least-loaded holder, then the large ones poured up to the group's water level."""
     holders = idx.holders
     nb = idx.nbytes
     load = idx.fixed_loads()
@@ -136,8 +308,7 @@ def split_pieces(
     pieces_of: dict[int, list[tuple[int, WriteItem]]] = {}
     for g in sorted(groups, key=lambda t: (len(t), t)):
         ks = groups[g]
-        min_bytes = _min_slice(min_slice_bytes, g, ks, nb, load)
-        threshold = 2 * min_bytes
+        threshold = 2 * floor
         whole: list[int] = []
         big: list[tuple[int, int]] = []
         for k in ks:
@@ -146,7 +317,6 @@ def split_pieces(
                 whole.append(k)
             else:
                 big.append((k, dim))
-        # 2. whole items: largest first to the least-loaded holder (ties: lowest rank)
         whole.sort(key=lambda k: (-nb[k], k))
         heap = [(load[r], r) for r in g]
         heapq.heapify(heap)
@@ -157,58 +327,11 @@ def split_pieces(
             heapq.heapreplace(heap, (load[r], r))
         if not big:
             continue
-        # 3. water level for the splittable bytes
         big.sort(key=lambda kd: (-nb[kd[0]], kd[0]))
-        total = sum(nb[k] for k, _ in big)
-        level = water_level([load[r] for r in g], total)
-        bounds = []
-        acc = 0
-        for r in g:
-            acc += max(0, level - load[r])
-            bounds.append(acc)
-        # 4. pour in rank order, cutting at row boundaries
-        j = 0
-        pos = 0
-        last = len(g) - 1
-        for k, dim in big:
-            item = idx.first[k]
-            td = item.tensor_data
-            assert td is not None
-            rows = td.chunk.sizes[dim]
-            p = nb[k]
-            row_bytes = p // rows
-            while j < last and bounds[j] <= pos:
-                j += 1
-            cur: list[list[int]] = []
-            start = 0
-            jj = j
-            while start < rows:
-                if jj == last or bounds[jj] >= pos + p:
-                    cur.append([g[jj], start, rows])
-                    break
-                cut = min(rows, max(start, round((bounds[jj] - pos) / row_bytes)))
-                if cut > start:
-                    cur.append([g[jj], start, cut])
-                start = cut
-                jj += 1
-            pos += p
-            _merge_small(cur, row_bytes, min_bytes, max_slices)
-            for r, lo, hi in cur:
-                load[r] += (hi - lo) * row_bytes
-            if len(cur) == 1:
-                owner[k] = cur[0][0]
-                continue
-            owner[k] = -1
-            pieces_of[k] = [(r, _piece(item, dim, lo, hi)) for r, lo, hi in cur]
+        level = water_level([load[r] for r in g], sum(nb[k] for k, _ in big))
+        bounds = list(itertools.accumulate(max(0, level - load[r]) for r in g))
+        _pour(idx, big, g, bounds, floor, max_slices, owner, load, pieces_of)
     return owner, pieces_of
-
-
-def _min_slice(option: int | str, g: Sequence[int], ks: Sequence[int], nb: Sequence[int], load: Sequence[int]) -> int:
-    """The slice floor for one replica group: the option, or ``"auto"``'s share of the group's level."""
-    if option != "auto":
-        return int(option)
-    level = (sum(load[r] for r in g) + sum(nb[k] for k in ks)) / len(g)
-    return max(1, min(DEFAULT_MIN_SLICE_BYTES, int(AUTO_FRACTION * level)))
 
 
 _AUTO = ' or "auto"'
