@@ -58,7 +58,7 @@ from dcplan.gcpause import paused_gc
 from dcplan.save.divisible import DivisibleFlow, divisible_flow, group_items
 from dcplan.save.index import PlanIndex, index_plans
 
-__all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES", "AUTO_FRACTION", "ROW_SLACK", "flat_range_boxes"]
+__all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES", "AUTO_FRACTION", "ROW_SLACK", "flat_range_boxes", "split_dim"]
 
 #: the largest slice floor ``"auto"`` uses (and the floor of older releases)
 DEFAULT_MIN_SLICE_BYTES = 1 << 20
@@ -88,7 +88,8 @@ def water_level(loads: Sequence[int], extra: int) -> int:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _split_dim(item: WriteItem) -> int | None:
+def split_dim(item: WriteItem) -> int | None:
+    """The dimension whose rows ``split`` cuts (the first of size > 1); ``None``: the item is never cut."""
     td = item.tensor_data
     if td is None or td.chunk is None:
         return None
@@ -302,7 +303,7 @@ def _quota_pieces(
         whole: list[int] = []
         big: list[tuple[int, int]] = []
         for k in groups[g]:
-            dim = _split_dim(idx.first[k]) if nb[k] >= threshold else None
+            dim = split_dim(idx.first[k]) if nb[k] >= threshold else None
             if dim is None:
                 whole.append(k)
             else:
@@ -419,7 +420,7 @@ def _water_pieces(
         whole: list[int] = []
         big: list[tuple[int, int]] = []
         for k in ks:
-            dim = _split_dim(idx.first[k]) if nb[k] >= threshold else None
+            dim = split_dim(idx.first[k]) if nb[k] >= threshold else None
             if dim is None:
                 whole.append(k)
             else:
