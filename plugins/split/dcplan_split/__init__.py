@@ -2,9 +2,10 @@
 
 Whole-item assignment cannot beat its lower bound (an item that holds 30 % of a
 replica group's bytes makes one rank write at least that). Splitting removes
-the limit: a replicated tensor is cut into contiguous slices along its first
-dimension of size > 1 and each slice is written by a different holder, so the
-busiest rank gets within one slice boundary of the ideal level.
+the limit: a replicated tensor is cut into contiguous (row-major) slices, on
+row boundaries of its first dimension of size > 1 where possible, and each
+slice is written by a different holder, so the busiest rank gets within about
+:data:`ROW_SLACK` of the ideal level.
 
 Algorithm:
 
@@ -17,11 +18,15 @@ Algorithm:
 3. a second flow re-spreads the large items' bytes with those whole items
    counted as fixed loads, giving fresh quotas;
 4. per holder set, the large items, largest first, are poured across the
-   holders in rank order (McNaughton's wrap-around rule): each holder takes
-   rows up to its quota plus an allowance (at most one row, the smallest with
-   which the last holder fits too), the item's next rows go to the next
-   holder. Slices smaller than ``min_slice_bytes`` are merged into a neighbour
-   and an item is cut into at most ``max_slices`` slices.
+   holders in rank order (McNaughton's wrap-around rule), each up to its quota:
+   a cut goes to the nearest row boundary when that moves it by at most
+   :data:`ROW_SLACK` / 2 of the level, else to the nearest boundary of a finer
+   sub-block, else of an element (sub-row cut: the rank's share of the item is a
+   flat element range, written as at most ``2 * (ndim - 1) + 1`` rectangles,
+   :func:`flat_range_boxes`). No cut leaves a rectangle under
+   ``min_slice_bytes``; slices smaller than it are merged into a neighbour, an
+   item is cut into at most ``max_slices`` rectangles, and an item whose slices
+   still hold a too-small rectangle falls back to row cuts.
 
 Past the flow's edge budget (very many distinct overlapping holder sets) it
 falls back to per-replica-group water levels (fewest holders first).
@@ -39,6 +44,7 @@ ones (at most 0.1 % of the bound, then 8x smaller each time) while the busiest
 rank is more than :data:`AUTO_FRACTION` (0.2 %) above the divisible bound,
 keeping the best; an integer is a fixed floor (fewer, larger writes; the
 busiest rank can exceed the level by up to about one ``min_slice_bytes``).
+A slice of a split item is one or more rectangles, each its own write item.
 """
 
 from __future__ import annotations
@@ -171,17 +177,19 @@ class _Cut:
         )
 
     def cut(self, x: int, slack: int, min_bytes: int) -> int:
-        """Where to cut near byte ``x``: the coarsest granularity with a cut within ``slack`` (row
-        boundaries first), else the nearest allowed cut at any granularity."""
-        for s in self.strides:
-            c = min(self.nbytes, (x + s // 2) // s * s)
-            if abs(c - x) <= slack and self.cut_ok(c, min_bytes):
-                return c
-        cands = []
-        for s in self.strides:
-            lo = x // s * s
-            cands += [(abs(x - lo), lo), (abs(min(self.nbytes, lo + s) - x), min(self.nbytes, lo + s))]
-        return min(c for c in cands if self.cut_ok(c[1], min_bytes))[1]
+        """The last allowed cut at or before byte ``x``: the row boundary when it is within ``slack``
+        bytes, else the last boundary of a finer sub-block or element that leaves no rectangle under
+        ``min_bytes`` (the row boundary when there is none)."""
+        row = self.row
+        r0 = x // row * row
+        if x - r0 <= slack:
+            return r0
+        best = r0
+        for s in self.strides[1:]:
+            for c in (x // s * s, (r0 + row - min_bytes) // s * s):
+                if best < c <= x and self.cut_ok(c, min_bytes):
+                    best = c
+        return best
 
     def writes(self, pieces: Sequence[Sequence[int]]) -> int:
         return sum(len(self.boxes(lo, hi)) for _, lo, hi in pieces)
@@ -348,27 +356,52 @@ def _pour(
     """Cut ``big`` items (largest first, concatenated) so that rank ``g[j]`` writes about
     ``bounds[j] - bounds[j - 1]`` bytes (McNaughton's wrap-around rule).
 
-    Each cut goes to the row boundary nearest its exact place when that is within ``slack`` bytes,
-    else to the nearest element boundary (sub-row cut: the rank's share of the item is then a few
-    rectangles, :func:`flat_range_boxes`) that leaves no rectangle under ``min_bytes``. An item whose
-    slices still hold a rectangle under ``min_bytes`` after merging falls back to row cuts.
+    Each rank in turn takes bytes up to its quota plus an allowance ``a`` (the last one takes the
+    rest), with ``a`` the smallest that keeps the last rank within its quota plus ``a`` too
+    (bisection). With cuts on row boundaries only when that allowance is at most ``2 * slack``; else a
+    cut goes back to the row boundary when that is within ``slack`` bytes, else to the
+    last sub-block or element boundary that leaves no rectangle under ``min_bytes`` (sub-row cut: the
+    rank's share of the item is then a few rectangles, :func:`flat_range_boxes`), else to the row
+    boundary. An item whose slices still hold a rectangle under ``min_bytes`` after merging falls
+    back to row cuts.
     """
     nb = idx.nbytes
     infos = [_cut_info(idx.first[k], dim, nb[k]) for k, dim in big]
     starts = [0, *itertools.accumulate(nb[k] for k, _ in big)]
     total = starts[-1]
+    quota = [b - a for a, b in zip([0, *bounds[:-1]], bounds)]
     last = len(g) - 1
-    cuts = []
-    prev = 0
-    i = 0
-    for j in range(last):
-        x = min(total, bounds[j])
-        while i + 1 < len(big) and starts[i + 1] <= x:
-            i += 1
-        c = starts[i] + infos[i].cut(x - starts[i], slack, min_bytes) if x < starts[i + 1] else starts[i + 1]
-        prev = max(prev, c)
-        cuts.append(prev)
-    cuts.append(total)
+
+    def cuts_for(allow: int, sl: int) -> list[int]:
+        out = []
+        prev = 0
+        i = 0
+        for j in range(last):
+            x = min(total, prev + quota[j] + allow)
+            while i + 1 < len(big) and starts[i + 1] <= x:
+                i += 1
+            c = starts[i] + infos[i].cut(x - starts[i], sl, min_bytes) if x < starts[i + 1] else starts[i + 1]
+            prev = max(prev, c)
+            out.append(prev)
+        return out
+
+    def least_allowance(sl: int) -> int:
+        lo, hi = 0, max((info.row for info in infos), default=0)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if total - (cuts_for(mid, sl)[-1] if last else 0) <= quota[last] + mid:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # row cuts only, unless their allowance is more than 2 * slack: then cuts inside rows too
+    sl = total
+    allow = least_allowance(sl)
+    if allow > 2 * slack:
+        sl = slack
+        allow = least_allowance(sl)
+    cuts = [*cuts_for(allow, sl), total]
     j = 0
     for i, (k, _) in enumerate(big):
         item = idx.first[k]
