@@ -19,11 +19,11 @@ from _balance_plans import check_dedup, layouts  # noqa: E402
 import dcplan  # noqa: E402
 from dcplan import compat, workloads  # noqa: E402
 from dcplan.compat import SavePlan, WriteItemType  # noqa: E402
+from dcplan.save.index import PlanIndex  # noqa: E402
 from dcplan.save.report import build_report  # noqa: E402
+from dcplan.save.verify import find_violations  # noqa: E402
 from dcplan.testing.plans import bytes_item, tensor_item  # noqa: E402
 from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
-from dcplan.save.index import PlanIndex  # noqa: E402
-from dcplan.save.verify import find_violations  # noqa: E402
 from dcplan_split import flat_range_boxes, split, water_level  # noqa: E402
 
 WORLD = 4

@@ -18,10 +18,12 @@ Algorithm:
 3. a second flow re-spreads the large items' bytes with those whole items
    counted as fixed loads, giving fresh quotas;
 4. per holder set, the large items, largest first, are poured across the
-   holders in rank order (McNaughton's wrap-around rule), each up to its quota:
-   a cut goes to the nearest row boundary when that moves it by at most
-   :data:`ROW_SLACK` / 2 of the level, else to the nearest boundary of a finer
-   sub-block, else of an element (sub-row cut: the rank's share of the item is a
+   holders in rank order (McNaughton's wrap-around rule), each up to its quota
+   plus an allowance (the smallest with which the last holder fits too): on
+   row boundaries when that allowance is at most :data:`ROW_SLACK` of the
+   level; else a cut goes back to the row boundary when that is within
+   ``ROW_SLACK / 2`` of the level, otherwise to the last boundary of a finer
+   sub-block or element (sub-row cut: the rank's share of the item is a
    flat element range, written as at most ``2 * (ndim - 1) + 1`` rectangles,
    :func:`flat_range_boxes`). No cut leaves a rectangle under
    ``min_slice_bytes``; slices smaller than it are merged into a neighbour, an
@@ -71,8 +73,8 @@ DEFAULT_MIN_SLICE_BYTES = 1 << 20
 DEFAULT_MAX_SLICES = 1024
 #: ``min_slice_bytes = "auto"``: retry with smaller floors while the busiest rank is this fraction above the bound
 AUTO_FRACTION = 0.002
-#: a cut snaps to a row boundary when that moves it at most half this fraction of the level (so a
-#: rank's share grows by at most this fraction); farther, the cut falls inside the row
+#: row cuts are kept when they leave no rank more than this fraction of the level over its quota;
+#: else a cut inside a row goes back to the row boundary when that is within half this fraction
 ROW_SLACK = 0.0005
 
 
@@ -200,7 +202,7 @@ def _cut_info(item: WriteItem, dim: int, nbytes: int) -> _Cut:
     assert td is not None and td.chunk is not None
     shape = tuple(td.chunk.sizes)
     elem = nbytes // math.prod(shape)
-    strides = []
+    strides: list[int] = []
     s = elem
     for d in range(len(shape) - 1, dim - 1, -1):
         if not strides or s != strides[-1]:
