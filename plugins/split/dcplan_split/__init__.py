@@ -184,8 +184,8 @@ class _Cut:
         ``min_bytes`` (the row boundary when there is none)."""
         row = self.row
         r0 = x // row * row
-        if x - r0 <= slack:
-            return r0
+        if x - r0 <= slack or x - r0 < min_bytes or row < 2 * min_bytes:
+            return r0  # (each side of a cut inside a row holds at least one rectangle)
         best = r0
         for s in self.strides[1:]:
             for c in (x // s * s, (r0 + row - min_bytes) // s * s):
@@ -401,8 +401,9 @@ def _pour(
     sl = total
     allow = least_allowance(sl)
     if allow > 2 * slack:
-        sl = slack
-        allow = least_allowance(sl)
+        fine = least_allowance(slack)
+        if fine < allow:
+            sl, allow = slack, fine
     cuts = [*cuts_for(allow, sl), total]
     j = 0
     for i, (k, _) in enumerate(big):
