@@ -25,6 +25,7 @@ def full_state() -> dict[str, torch.Tensor]:
         "scalar": torch.tensor(3.25),
         "tiny": torch.arange(3, dtype=torch.uint8),
         "hsdp": torch.randn(40, 6, generator=g),  # a DTensor on 4 ranks: Shard(0) x Replicate
+        "wide": torch.randn(3, 5, 200, generator=g),  # 3 rows for 4 ranks: cut inside rows (sub-row)
     }
 
 
@@ -93,3 +94,21 @@ def load_on_two(rank: int, world: int, path: str) -> dict[str, bool] | None:
 def save_bad_options(rank: int, world: int, path: str) -> None:
     dcp.save(full_state(), checkpoint_id=path, planner=dcplan.SavePlanner(strategy="split",
                                                                           strategy_options={"min_slice_bytes": 0}))
+
+
+def load_resharded(rank: int, world: int, path: str) -> dict[str, bool]:
+    """Load "wide" (saved replicated, cut inside rows) as a DTensor sharded on its last dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dcplan.compat import distribute_tensor, dtensor_placements
+
+    _, Shard = dtensor_placements()
+    mesh = init_device_mesh("cpu", (world,))
+    want = full_state()["wide"]
+    out = {}
+    for loader in ("dcplan", "torch"):
+        fresh = {"wide": distribute_tensor(torch.zeros_like(want), mesh, [Shard(2)])}
+        lp = dcplan.LoadPlanner() if loader == "dcplan" else compat.torch_default_load_planner()
+        dcp.load(fresh, checkpoint_id=path, planner=lp)
+        out[loader] = _bits(fresh["wide"]) == _bits(want)
+    return out

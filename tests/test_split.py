@@ -19,10 +19,12 @@ from _balance_plans import check_dedup, layouts  # noqa: E402
 import dcplan  # noqa: E402
 from dcplan import compat, workloads  # noqa: E402
 from dcplan.compat import SavePlan, WriteItemType  # noqa: E402
+from dcplan.save.index import PlanIndex  # noqa: E402
 from dcplan.save.report import build_report  # noqa: E402
+from dcplan.save.verify import find_violations  # noqa: E402
 from dcplan.testing.plans import bytes_item, tensor_item  # noqa: E402
 from dcplan.testing.pytest_plugin import gloo_pool_fixture  # noqa: E402
-from dcplan_split import split, water_level  # noqa: E402
+from dcplan_split import flat_range_boxes, split, water_level  # noqa: E402
 
 WORLD = 4
 
@@ -85,6 +87,60 @@ def test_replicated_shards_split_inside_their_chunk() -> None:
     assert got == [(0, (0, 0), (10, 6)), (1, (20, 0), (10, 6)), (2, (10, 0), (10, 6)), (3, (30, 0), (10, 6))]
 
 
+@st.composite
+def _shape_and_range(draw: st.DrawFn) -> tuple[tuple[int, ...], int, int]:
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=4)))
+    n = math.prod(shape)
+    a = draw(st.integers(0, n))
+    return shape, a, draw(st.integers(a, n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_shape_and_range())
+def test_flat_range_boxes_tile_the_range(case: tuple[tuple[int, ...], int, int]) -> None:
+    shape, a, b = case
+    boxes = flat_range_boxes(shape, a, b)
+    assert len(boxes) <= 2 * (len(shape) - 1) + 1
+    hits = torch.zeros(shape, dtype=torch.int32)
+    for offs, sizes in boxes:
+        assert len(offs) == len(sizes) == len(shape) and all(s >= 1 for s in sizes)
+        assert all(0 <= o and o + s <= d for o, s, d in zip(offs, sizes, shape))
+        view = hits
+        for d, (o, sz) in enumerate(zip(offs, sizes)):
+            view = view.narrow(d, o, sz)
+        view += 1
+    want = torch.zeros(math.prod(shape), dtype=torch.int32)
+    want[a:b] = 1
+    assert torch.equal(hits.reshape(-1), want)  # disjoint, and exactly the range
+    # in flat order: each box starts where the previous one ended
+    flat = [sum(o * math.prod(shape[d + 1:]) for d, o in enumerate(offs)) for offs, _ in boxes]
+    ends = [f + math.prod(sz) for f, (_, sz) in zip(flat, boxes)]
+    assert flat == sorted(flat) and all(e == f for e, f in zip(ends, flat[1:]))
+
+
+def test_sub_row_cuts_balance_a_small_model_on_many_ranks() -> None:
+    # 7 wide tensors of 2-5 rows on 64 ranks: row cuts alone would leave some ranks a whole extra row
+    items = [tensor_item(f"w{i}", (2 + i % 4, 3, 500)) for i in range(7)]
+    plans = [SavePlan(items) for _ in range(64)]
+    out = split(plans)
+    check_dedup(plans, out)
+    idx = PlanIndex(plans)
+    assert not find_violations(idx, out)
+    rep = build_report(plans, out, index=idx)
+    assert rep.busiest_bytes <= 1.005 * rep.divisible_bound
+    # some slices are parts of a row (and of a 3 x 500 sub-block); no rank writes more than 5
+    # rectangles of one tensor
+    shapes = [tuple(i.tensor_data.chunk.sizes) for p in out for i in p.items]
+    assert any(sz[0] == 1 and sz[1] < 3 for sz in shapes)
+    for p in out:
+        fqns = [i.index.fqn for i in p.items]
+        assert all(fqns.count(f) <= 5 for f in fqns)
+    # a coarse floor keeps row cuts: no slice is under the floor unless it is a whole item
+    out = split(plans, min_slice_bytes=4000)
+    check_dedup(plans, out)
+    assert all(math.prod(i.tensor_data.chunk.sizes) * 4 >= 4000 for p in out for i in p.items)
+
+
 @pytest.mark.parametrize("bad", [{"min_slice_bytes": 0}, {"max_slices": -1}, {"max_slices": 2.5}])
 def test_bad_options_name_the_fix(bad: dict) -> None:
     with pytest.raises(ValueError, match="must be an integer >= 1"):
@@ -136,12 +192,16 @@ def saved(pool, tmp_path_factory):
 def test_split_save_writes_slices_and_reloads_on_four_ranks(saved) -> None:
     path, results = saved
     assert all(r["loads"] == {"dcplan": True, "torch": True} for r in results)
-    # "big" (64 x 33 fp32) and "ints" (1000 int64) are cut into row slices, written by different ranks
-    for fqn, rows in (("big", 64), ("ints", 1000)):
+    # "big" (64 x 33 fp32) and "wide" (3 x 5 x 200 fp32) are cut into slices written by different
+    # ranks ("ints", 1000 int64, may go whole); a rank's slice of an N-D tensor is at most 2 * (N - 1) + 1 rectangles
+    for fqn, shape in (("big", (64, 33)), ("ints", (1000,)), ("wide", (3, 5, 200))):
         parts = sorted(w for r in results for w in r["written"] if w[0] == fqn)
-        assert len(parts) > 1 and all(w[1] == "SHARD" for w in parts)
-        assert sum(w[3][0] for w in parts) == rows
-        assert all(len([w for w in r["written"] if w[0] == fqn]) <= 1 for r in results)
+        assert (len(parts) > 1 or fqn == "ints") and all(w[1] == "SHARD" for w in parts[1:])
+        assert sum(math.prod(w[3]) for w in parts) == math.prod(shape)
+        assert all(len([w for w in r["written"] if w[0] == fqn]) <= 2 * len(shape) - 1 for r in results)
+    # 3 rows for 4 ranks: some cut falls inside a row, and inside a (5 x 200) sub-block
+    wide = [w for r in results for w in r["written"] if w[0] == "wide"]
+    assert any(w[3][0] == 1 and w[3][1] < 5 for w in wide), wide
     report = results[0]["report"]
     assert report["strategy"] == "split" and report["ratio"] <= 1.01
     md = dcp.FileSystemReader(path).read_metadata()
@@ -158,6 +218,12 @@ def test_split_checkpoint_loads_on_two_ranks(pool, saved) -> None:
     path, _ = saved
     results = pool.run(F.load_on_two, path)
     assert results[:2] == [{"dcplan": True, "torch": True}] * 2
+
+
+@pytest.mark.multiproc
+def test_split_checkpoint_with_sub_row_cuts_loads_into_another_sharding(pool, saved) -> None:
+    path, _ = saved
+    assert pool.run(F.load_resharded, path) == [{"dcplan": True, "torch": True}] * WORLD
 
 
 @pytest.mark.multiproc

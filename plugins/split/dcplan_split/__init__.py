@@ -2,9 +2,10 @@
 
 Whole-item assignment cannot beat its lower bound (an item that holds 30 % of a
 replica group's bytes makes one rank write at least that). Splitting removes
-the limit: a replicated tensor is cut into contiguous slices along its first
-dimension of size > 1 and each slice is written by a different holder, so the
-busiest rank gets within one slice boundary of the ideal level.
+the limit: a replicated tensor is cut into contiguous (row-major) slices, on
+row boundaries of its first dimension of size > 1 where possible, and each
+slice is written by a different holder, so the busiest rank gets within about
+:data:`ROW_SLACK` of the ideal level.
 
 Algorithm:
 
@@ -17,11 +18,17 @@ Algorithm:
 3. a second flow re-spreads the large items' bytes with those whole items
    counted as fixed loads, giving fresh quotas;
 4. per holder set, the large items, largest first, are poured across the
-   holders in rank order (McNaughton's wrap-around rule): each holder takes
-   rows up to its quota plus an allowance (at most one row, the smallest with
-   which the last holder fits too), the item's next rows go to the next
-   holder. Slices smaller than ``min_slice_bytes`` are merged into a neighbour
-   and an item is cut into at most ``max_slices`` slices.
+   holders in rank order (McNaughton's wrap-around rule), each up to its quota
+   plus an allowance (the smallest with which the last holder fits too): on
+   row boundaries when that allowance is at most :data:`ROW_SLACK` of the
+   level; else a cut goes back to the row boundary when that is within
+   ``ROW_SLACK / 2`` of the level, otherwise to the last boundary of a finer
+   sub-block or element (sub-row cut: the rank's share of the item is a
+   flat element range, written as at most ``2 * (ndim - 1) + 1`` rectangles,
+   :func:`flat_range_boxes`). No cut leaves a rectangle under
+   ``min_slice_bytes``; slices smaller than it are merged into a neighbour, an
+   item is cut into at most ``max_slices`` rectangles, and an item whose slices
+   still hold a too-small rectangle falls back to row cuts.
 
 Past the flow's edge budget (very many distinct overlapping holder sets) it
 falls back to per-replica-group water levels (fewest holders first).
@@ -39,6 +46,7 @@ ones (at most 0.1 % of the bound, then 8x smaller each time) while the busiest
 rank is more than :data:`AUTO_FRACTION` (0.2 %) above the divisible bound,
 keeping the best; an integer is a fixed floor (fewer, larger writes; the
 busiest rank can exceed the level by up to about one ``min_slice_bytes``).
+A slice of a split item is one or more rectangles, each its own write item.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,13 +66,20 @@ from dcplan.gcpause import paused_gc
 from dcplan.save.divisible import DivisibleFlow, divisible_flow, group_items
 from dcplan.save.index import PlanIndex, index_plans
 
-__all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES", "AUTO_FRACTION"]
+__all__ = ["split", "split_pieces", "water_level", "DEFAULT_MIN_SLICE_BYTES", "DEFAULT_MAX_SLICES", "AUTO_FRACTION", "ROW_SLACK", "flat_range_boxes", "split_dim"]
 
 #: the largest slice floor ``"auto"`` uses (and the floor of older releases)
 DEFAULT_MIN_SLICE_BYTES = 1 << 20
 DEFAULT_MAX_SLICES = 1024
 #: ``min_slice_bytes = "auto"``: retry with smaller floors while the busiest rank is this fraction above the bound
 AUTO_FRACTION = 0.002
+#: row cuts are kept when they leave no rank more than this fraction of the level over its quota;
+#: else a cut inside a row goes back to the row boundary when that is within half this fraction
+ROW_SLACK = 0.0005
+
+
+def _slack(level: int) -> int:
+    return int(level * ROW_SLACK / 2)
 
 
 def water_level(loads: Sequence[int], extra: int) -> int:
@@ -80,7 +96,8 @@ def water_level(loads: Sequence[int], extra: int) -> int:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _split_dim(item: WriteItem) -> int | None:
+def split_dim(item: WriteItem) -> int | None:
+    """The dimension whose rows ``split`` cuts (the first of size > 1); ``None``: the item is never cut."""
     td = item.tensor_data
     if td is None or td.chunk is None:
         return None
@@ -90,12 +107,117 @@ def _split_dim(item: WriteItem) -> int | None:
     return None
 
 
-def _merge_small(pieces: list[list[int]], row_bytes: int, min_bytes: int, max_slices: int) -> None:
-    """Merge slices ``[rank, lo, hi]`` smaller than ``min_bytes`` (and beyond ``max_slices``) into a neighbour."""
+def flat_range_boxes(shape: Sequence[int], a: int, b: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The flat (row-major) element range ``[a, b)`` of a C-contiguous tensor of ``shape`` as
+    ``(offsets, sizes)`` hyper-rectangles, in flat order: partial trailing sub-blocks up to the next
+    boundary of each dimension, a run of whole blocks, then partial leading sub-blocks. At most
+    ``2 * (ndim - 1) + 1`` rectangles; one when the range is whole rows (or fits in one row).
+    """
+    n = len(shape)
+    st = [1] * n
+    for k in range(n - 2, -1, -1):
+        st[k] = st[k + 1] * shape[k + 1]
+    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    if a >= b:
+        return out
+
+    def box(lo: int, hi: int, k: int) -> None:
+        # lo is a multiple of st[k]; [lo, hi) is whole st[k]-units inside one block of dim k - 1
+        offs = []
+        rem = lo
+        for j in range(k + 1):
+            offs.append(rem // st[j])
+            rem %= st[j]
+        out.append((tuple(offs) + (0,) * (n - k - 1), (1,) * k + ((hi - lo) // st[k],) + tuple(shape[k + 1:])))
+
+    cur = a
+    level = 0
+    for k in range(n - 1, 0, -1):  # up: complete partial blocks, finest first
+        blk = st[k - 1]
+        if cur % blk:
+            end = (cur // blk + 1) * blk
+            if end > b:
+                level = k
+                break
+            box(cur, end, k)
+            cur = end
+    for k in range(level, n):  # down: whole blocks, coarsest first
+        end = cur + (b - cur) // st[k] * st[k]
+        if end > cur:
+            box(cur, end, k)
+            cur = end
+    return out
+
+
+@dataclasses.dataclass
+class _Cut:
+    """One large item as the pour sees it: its chunk's shape, element bytes and cut granularities."""
+
+    shape: tuple[int, ...]
+    elem: int
+    nbytes: int
+    #: byte strides of the dimensions from the split one on (coarsest first): row, sub-row, ..., element
+    strides: tuple[int, ...]
+
+    @property
+    def row(self) -> int:
+        return self.strides[0]
+
+    def boxes(self, lo: int, hi: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Rectangles of the element range ``[lo, hi)``."""
+        return flat_range_boxes(self.shape, lo, hi)
+
+    def cut_ok(self, c: int, min_bytes: int) -> bool:
+        """Whether a cut at byte ``c`` leaves no rectangle under ``min_bytes`` inside its row."""
+        if c % self.row == 0:
+            return True
+        e, row_e = c // self.elem, self.row // self.elem
+        r0 = e // row_e * row_e
+        return all(
+            math.prod(sz) * self.elem >= min_bytes
+            for _, sz in (*self.boxes(r0, e), *self.boxes(e, r0 + row_e))
+        )
+
+    def cut(self, x: int, slack: int, min_bytes: int) -> int:
+        """The last allowed cut at or before byte ``x``: the row boundary when it is within ``slack``
+        bytes, else the last boundary of a finer sub-block or element that leaves no rectangle under
+        ``min_bytes`` (the row boundary when there is none)."""
+        row = self.row
+        r0 = x // row * row
+        if x - r0 <= slack or x - r0 < min_bytes or row < 2 * min_bytes:
+            return r0  # (each side of a cut inside a row holds at least one rectangle)
+        best = r0
+        for s in self.strides[1:]:
+            for c in (x // s * s, (r0 + row - min_bytes) // s * s):
+                if best < c <= x and self.cut_ok(c, min_bytes):
+                    best = c
+        return best
+
+    def writes(self, pieces: Sequence[Sequence[int]]) -> int:
+        return sum(len(self.boxes(lo, hi)) for _, lo, hi in pieces)
+
+
+def _cut_info(item: WriteItem, dim: int, nbytes: int) -> _Cut:
+    td = item.tensor_data
+    assert td is not None and td.chunk is not None
+    shape = tuple(td.chunk.sizes)
+    elem = nbytes // math.prod(shape)
+    strides: list[int] = []
+    s = elem
+    for d in range(len(shape) - 1, dim - 1, -1):
+        if not strides or s != strides[-1]:
+            strides.append(s)
+        s *= shape[d]
+    return _Cut(shape, elem, nbytes, tuple(reversed(strides)))
+
+
+def _merge_small(pieces: list[list[int]], info: _Cut, min_bytes: int, max_slices: int) -> None:
+    """Merge slices ``[rank, lo, hi]`` (element ranges) smaller than ``min_bytes`` into a neighbour,
+    and while the slices need more than ``max_slices`` writes (rectangles)."""
     while len(pieces) > 1:
-        sizes = [(hi - lo) * row_bytes for _, lo, hi in pieces]
+        sizes = [(hi - lo) * info.elem for _, lo, hi in pieces]
         i = min(range(len(pieces)), key=lambda j: (sizes[j], j))
-        if sizes[i] >= min_bytes and len(pieces) <= max_slices:
+        if sizes[i] >= min_bytes and (len(pieces) <= max_slices and info.writes(pieces) <= max_slices):
             return
         if i == 0:
             j = 1
@@ -109,14 +231,23 @@ def _merge_small(pieces: list[list[int]], row_bytes: int, min_bytes: int, max_sl
         del pieces[i]
 
 
-def _piece(item: WriteItem, dim: int, lo: int, hi: int) -> WriteItem:
+def _to_rows(pieces: list[list[int]], info: _Cut) -> list[list[int]]:
+    """The same slices with their inner boundaries moved to the nearest row boundary."""
+    row_e = info.row // info.elem
+    out: list[list[int]] = []
+    prev = 0
+    for i, (r, _, hi) in enumerate(pieces):
+        b = hi if i == len(pieces) - 1 else max(prev, (hi + row_e // 2) // row_e * row_e)
+        if b > prev:
+            out.append([r, prev, b])
+        prev = b
+    return out
+
+
+def _piece(item: WriteItem, rel: Sequence[int], sizes: Sequence[int]) -> WriteItem:
     td = item.tensor_data
     assert td is not None and td.chunk is not None
-    offsets = list(td.chunk.offsets)
-    sizes = list(td.chunk.sizes)
-    offsets[dim] += lo
-    sizes[dim] = hi - lo
-    off = torch.Size(offsets)
+    off = torch.Size([o + d for o, d in zip(td.chunk.offsets, rel)])
     chunk = ChunkStorageMetadata(offsets=off, sizes=torch.Size(sizes))
     return dataclasses.replace(
         item,
@@ -182,7 +313,7 @@ def _quota_pieces(
         whole: list[int] = []
         big: list[tuple[int, int]] = []
         for k in groups[g]:
-            dim = _split_dim(idx.first[k]) if nb[k] >= threshold else None
+            dim = split_dim(idx.first[k]) if nb[k] >= threshold else None
             if dim is None:
                 whole.append(k)
             else:
@@ -208,7 +339,7 @@ def _quota_pieces(
         # 3. pour the large items over the holders in rank order, each up to its quota (McNaughton)
         ranks = [r for r in g if q.get(r, 0) > 0]
         bounds = list(itertools.accumulate(q[r] for r in ranks))
-        _pour(idx, big_of[g], ranks, bounds, min_bytes, max_slices, owner, load, pieces_of)
+        _pour(idx, big_of[g], ranks, bounds, min_bytes, max_slices, owner, load, pieces_of, _slack(flow.bound))
     return owner, pieces_of, max(load, default=0)
 
 
@@ -222,30 +353,28 @@ def _pour(
     owner: list[int],
     load: list[int],
     pieces_of: dict[int, list[tuple[int, WriteItem]]],
+    slack: int,
 ) -> None:
-    """Cut ``big`` items (largest first, concatenated) at row boundaries so that rank ``g[j]`` writes
-    about ``bounds[j] - bounds[j - 1]`` bytes (McNaughton's wrap-around rule).
+    """Cut ``big`` items (largest first, concatenated) so that rank ``g[j]`` writes about
+    ``bounds[j] - bounds[j - 1]`` bytes (McNaughton's wrap-around rule).
 
-    Cuts fall on row boundaries, so a rank can exceed its quota: each rank in turn takes rows up to
-    its quota plus an allowance ``a`` (the last one takes the rest), with ``a`` the smallest that
-    keeps the last rank within its quota plus ``a`` too (bisection; ``a`` is at most one row).
+    Each rank in turn takes bytes up to its quota plus an allowance ``a`` (the last one takes the
+    rest), with ``a`` the smallest that keeps the last rank within its quota plus ``a`` too
+    (bisection). With cuts on row boundaries only when that allowance is at most ``2 * slack``; else a
+    cut goes back to the row boundary when that is within ``slack`` bytes, else to the
+    last sub-block or element boundary that leaves no rectangle under ``min_bytes`` (sub-row cut: the
+    rank's share of the item is then a few rectangles, :func:`flat_range_boxes`), else to the row
+    boundary. An item whose slices still hold a rectangle under ``min_bytes`` after merging falls
+    back to row cuts.
     """
     nb = idx.nbytes
-    rows_of: list[int] = []
-    row_bytes: list[int] = []
-    starts = [0]
-    for k, dim in big:
-        td = idx.first[k].tensor_data
-        assert td is not None and td.chunk is not None
-        rows = td.chunk.sizes[dim]
-        rows_of.append(rows)
-        row_bytes.append(nb[k] // rows)
-        starts.append(starts[-1] + rows * row_bytes[-1])
+    infos = [_cut_info(idx.first[k], dim, nb[k]) for k, dim in big]
+    starts = [0, *itertools.accumulate(nb[k] for k, _ in big)]
     total = starts[-1]
     quota = [b - a for a, b in zip([0, *bounds[:-1]], bounds)]
     last = len(g) - 1
 
-    def cuts_for(allow: int) -> list[int]:
+    def cuts_for(allow: int, sl: int) -> list[int]:
         out = []
         prev = 0
         i = 0
@@ -253,43 +382,58 @@ def _pour(
             x = min(total, prev + quota[j] + allow)
             while i + 1 < len(big) and starts[i + 1] <= x:
                 i += 1
-            c = starts[i] + (x - starts[i]) // row_bytes[i] * row_bytes[i] if x < starts[i + 1] else starts[i + 1]
+            c = starts[i] + infos[i].cut(x - starts[i], sl, min_bytes) if x < starts[i + 1] else starts[i + 1]
             prev = max(prev, c)
             out.append(prev)
         return out
 
-    lo, hi = 0, max(row_bytes, default=0)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if total - (cuts_for(mid)[-1] if last else 0) <= quota[last] + mid:
-            hi = mid
-        else:
-            lo = mid + 1
-    cuts = [*cuts_for(lo), total]
+    def least_allowance(sl: int) -> int:
+        lo, hi = 0, max((info.row for info in infos), default=0)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if total - (cuts_for(mid, sl)[-1] if last else 0) <= quota[last] + mid:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # row cuts only, unless their allowance is more than 2 * slack: then cuts inside rows too
+    sl = total
+    allow = least_allowance(sl)
+    if allow > 2 * slack:
+        fine = least_allowance(slack)
+        if fine < allow:
+            sl, allow = slack, fine
+    cuts = [*cuts_for(allow, sl), total]
     j = 0
-    for i, (k, dim) in enumerate(big):
+    for i, (k, _) in enumerate(big):
         item = idx.first[k]
-        rb = row_bytes[i]
+        info = infos[i]
         s0, s1 = starts[i], starts[i + 1]
         cur: list[list[int]] = []
         while j < last and cuts[j] <= s0:
             j += 1
         jj = j
-        lo_row = 0
-        while lo_row < rows_of[i]:
-            hi_row = rows_of[i] if cuts[jj] >= s1 else (cuts[jj] - s0) // rb
-            if hi_row > lo_row:
-                cur.append([g[jj], lo_row, hi_row])
-            lo_row = max(lo_row, hi_row)
+        lo = 0
+        while lo < info.nbytes:
+            hi = info.nbytes if cuts[jj] >= s1 else cuts[jj] - s0
+            if hi > lo:
+                cur.append([g[jj], lo // info.elem, hi // info.elem])
+            lo = max(lo, hi)
             jj += 1
-        _merge_small(cur, rb, min_bytes, max_slices)
+        _merge_small(cur, info, min_bytes, max_slices)
+        if len(cur) > 1 and any(
+            math.prod(sz) * info.elem < min_bytes for _, a, b in cur for _, sz in info.boxes(a, b)
+        ):
+            cur = _to_rows(cur, info)
+            _merge_small(cur, info, min_bytes, max_slices)
         for r, a, b in cur:
-            load[r] += (b - a) * rb
+            load[r] += (b - a) * info.elem
         if len(cur) == 1:
             owner[k] = cur[0][0]
             continue
         owner[k] = -1
-        pieces_of[k] = [(r, _piece(item, dim, a, b)) for r, a, b in cur]
+        pieces_of[k] = [(r, _piece(item, off, sz)) for r, a, b in cur for off, sz in info.boxes(a, b)]
 
 
 def _water_pieces(
@@ -312,7 +456,7 @@ def _water_pieces(
         whole: list[int] = []
         big: list[tuple[int, int]] = []
         for k in ks:
-            dim = _split_dim(idx.first[k]) if nb[k] >= threshold else None
+            dim = split_dim(idx.first[k]) if nb[k] >= threshold else None
             if dim is None:
                 whole.append(k)
             else:
@@ -330,7 +474,7 @@ def _water_pieces(
         big.sort(key=lambda kd: (-nb[kd[0]], kd[0]))
         level = water_level([load[r] for r in g], sum(nb[k] for k, _ in big))
         bounds = list(itertools.accumulate(max(0, level - load[r]) for r in g))
-        _pour(idx, big, g, bounds, floor, max_slices, owner, load, pieces_of)
+        _pour(idx, big, g, bounds, floor, max_slices, owner, load, pieces_of, _slack(level))
     return owner, pieces_of
 
 
