@@ -649,7 +649,9 @@ def legacy_storage_dtype(name: str) -> torch.dtype | None:
     if not isinstance(cls, type) or legacy is None or not issubclass(cls, legacy):
         return None
     try:
-        dtype = cls.dtype  # type: ignore[attr-defined]
+        # ``_dtype`` is the same class property without the TypedStorage deprecation warning that
+        # ``dtype`` emits on every access (a load would print it once per record); ``dtype`` where absent
+        dtype = cls._dtype if hasattr(cls, "_dtype") else cls.dtype  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - a storage class without a dtype
         return None
     return dtype if isinstance(dtype, torch.dtype) else None
