@@ -300,7 +300,11 @@ def test_paused_gc_restores_the_collector_and_respects_frozen_objects():
     try:
         frozen = gc.get_freeze_count()
         with paused_gc():
-            _ = [[i] for i in range(1000)]
-        assert gc.get_freeze_count() == frozen and gc.isenabled()
+            kept = [[i] for i in range(1000)]
+        # neither unfrozen nor frozen further (freezing would add the 1,001 lists still alive); a few
+        # frozen objects may die by reference counting meanwhile (another thread, a finalizer), which
+        # lowers the count by itself
+        assert frozen - 100 <= gc.get_freeze_count() <= frozen and gc.isenabled()
+        assert len(kept) == 1000
     finally:
         gc.unfreeze()
