@@ -2,7 +2,8 @@
 
     python benchmarks/bench_scale.py                 # the curve (bounded: about 10 min on 2 cores)
     python benchmarks/bench_scale.py --quick         # 64 and 1,024 ranks only
-    python benchmarks/bench_scale.py --memory        # also coordinator peak memory (tracemalloc; slower)
+    python benchmarks/bench_scale.py --memory        # also coordinator peak memory (tracemalloc; slower):
+                                                     # of the step alone, and from the received bytes on
     python benchmarks/bench_scale.py --gloo 8        # also a real 8-rank gloo save, bytes counted
     python benchmarks/bench_scale.py --json out.json
 
@@ -185,6 +186,14 @@ def bench(layout: str, model: str, world: int | None, memory: bool, with_torch: 
         _, out, peak = _timed(lambda: SavePlanner(report=False).create_global_plan(again), True)
         del out, again
         row["dcplan"]["peak_bytes"] = peak
+        # the same, starting from the bytes the coordinator receives (each rank's pickle, as
+        # gather_object delivers them): unpickling the gathered plans is part of planning's memory
+        wire_bytes = [pickle.dumps(m) for m in sim["sent"]]
+        _, out, peak = _timed(
+            lambda: SavePlanner(report=False).create_global_plan([pickle.loads(b) for b in wire_bytes]), True
+        )
+        del out, wire_bytes
+        row["dcplan"]["peak_from_bytes"] = peak
     if with_torch and entries <= TORCH_MAX_ENTRIES:
         tplanner = compat.torch_default_save_planner()
         tsecs, (tglobal, _tmd), _ = _timed(lambda: compat.torch_create_global_plan(tplanner, sim["torch_plans"]), False)
@@ -196,6 +205,13 @@ def bench(layout: str, model: str, world: int | None, memory: bool, with_torch: 
             _, out, tpeak = _timed(lambda: compat.torch_create_global_plan(tplanner, sim["torch_plans"]), True)
             del out
             row["torch"]["peak_bytes"] = tpeak
+            tbytes = [pickle.dumps(p) for p in sim["torch_plans"]]
+            tplanner = compat.torch_default_save_planner()
+            _, out, tpeak = _timed(
+                lambda: compat.torch_create_global_plan(tplanner, [pickle.loads(b) for b in tbytes]), True
+            )
+            del out, tbytes
+            row["torch"]["peak_from_bytes"] = tpeak
     else:
         row["torch"] = {"gathered": sim["torch_gathered"]}
     return row
@@ -213,20 +229,23 @@ def _fmt(n: float | None, unit: str = "") -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| workload | ranks | entries | distinct plans | gathered torch / dcplan (B/entry dcplan) | scattered torch / dcplan "
-        "| coordinator torch / dcplan (speedup) | per-rank dcplan | peak mem torch / dcplan |\n|---|---|---|---|---|---|---|---|---|"
+        "| coordinator torch / dcplan (speedup) | per-rank dcplan | peak mem torch / dcplan "
+        "| peak from received bytes torch / dcplan |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         d, t = r["dcplan"], r["torch"]
         g = d["gathered"] + d["exchanged"]
-        sp = f" ({t['coordinator_s'] / d['coordinator_s']:.0f}x)" if "coordinator_s" in t else ""
+        ratio = t["coordinator_s"] / d["coordinator_s"] if "coordinator_s" in t else None
+        sp = "" if ratio is None else f" ({ratio:.0f}x)" if ratio >= 10 else f" ({ratio:.2g}x)"
         lines.append(
             f"| {r['workload']} | {r['ranks']:,} | {r['entries']:,} | {r['distinct_plans']:,} "
             f"| {_fmt(t['gathered'], 'B')} / {_fmt(g, 'B')} ({g / max(1, r['entries']):.1f}) "
             f"| {_fmt(t.get('scattered'), 'B')} / {_fmt(d['scattered'], 'B')} "
             f"| {t['coordinator_s'] if 'coordinator_s' in t else float('nan'):.3f} s / {d['coordinator_s']:.3f} s{sp} "
             f"| {d['rank_s'] * 1e3:.2f} ms "
-            f"| {_fmt(t.get('peak_bytes'), 'B')} / {_fmt(d.get('peak_bytes'), 'B')} |"
+            f"| {_fmt(t.get('peak_bytes'), 'B')} / {_fmt(d.get('peak_bytes'), 'B')} "
+            f"| {_fmt(t.get('peak_from_bytes'), 'B')} / {_fmt(d.get('peak_from_bytes'), 'B')} |"
         )
     return "\n".join(lines)
 

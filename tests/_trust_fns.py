@@ -77,3 +77,29 @@ def bad_config_on_one_rank(rank: int, world: int, path: str, side: str) -> dict[
         os.environ.pop("DCPLAN_VALIDATE", None)
     dist.barrier()
     return {"error": err, "seconds": secs, "files": _files(path)}
+
+
+def careless_strategy_save_load(rank: int, world: int, path: str, strategy: str) -> dict[str, Any]:
+    """A strategy that breaks the contract in ways the core absorbs (mutating its input, dropping
+    planner_data): the save succeeds and a nested state reloads bit-exact, also from the checkpoint alone."""
+    sd = state(rank, world)
+    sd = {"model": {"w": sd["w"], "sharded": sd["sharded"]}, f"own{rank}": sd[f"own{rank}"], "step": sd["step"]}
+    err, secs = _attempt(lambda: dcp.save(sd, checkpoint_id=path, planner=dcplan.SavePlanner(strategy=strategy)))
+    dist.barrier()
+    out: dict[str, Any] = {"error": err, "seconds": secs, "files": _files(path)}
+    if err != "no error":
+        return out
+    from torch.distributed.checkpoint import FileSystemReader
+
+    target = {"model": {"w": torch.zeros(8, 4), "sharded": torch.zeros_like(sd["model"]["sharded"])},
+              f"own{rank}": torch.zeros(4), "step": 0}
+    dcp.load(target, storage_reader=dcplan.FileSystemReader(path), planner=dcplan.LoadPlanner())
+    out["equal"] = (
+        torch.equal(target["model"]["w"], sd["model"]["w"])
+        and torch.equal(target["model"]["sharded"].to_local(), sd["model"]["sharded"].to_local())
+        and torch.equal(target[f"own{rank}"], sd[f"own{rank}"])
+        and target["step"] == 9
+    )
+    md = FileSystemReader(path).read_metadata()
+    out["mapping"] = sorted(map(str, (md.planner_data or {}).get("model.w", ())))
+    return out

@@ -53,6 +53,18 @@ def test_slow_strategy_is_still_correct(pool, tmp_path):
     assert [r["error"] for r in results] == ["no error"] * WORLD
 
 
+@pytest.mark.parametrize("strategy", ["adv_mutate", "adv_fresh"])
+def test_a_careless_strategy_cannot_corrupt_the_save(pool, tmp_path, strategy):
+    # adv_mutate sorts the item lists it was given in place: the ranks' compact final plans are
+    # positions into what they sent, so the core hands the strategy copies. adv_fresh drops every
+    # rank's planner_data: the core keeps the flattening mappings in the metadata.
+    results = pool.run(F.careless_strategy_save_load, str(tmp_path / "ck"), strategy)
+    for r in results:
+        assert r["error"] == "no error", r["error"]
+        assert r["equal"] is True
+        assert r["mapping"] == ["model", "w"]
+
+
 def test_replicated_key_with_another_dtype_on_one_rank_fails_everywhere(pool, tmp_path):
     results = pool.run(F.disagreeing_dtype_save, str(tmp_path / "ck"))
     for r in results:

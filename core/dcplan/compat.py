@@ -128,15 +128,22 @@ def _plan_copy_by_dict(cls: type) -> bool:
 _PLAN_BY_DICT = {c: _plan_copy_by_dict(c) for c in (SavePlan, LoadPlan)}
 
 
+_PLAN_FIELDS = {c: _fields(c) for c in (SavePlan, LoadPlan)}
+
+
 def replace_plan(plan: _PlanT, **changes: Any) -> _PlanT:
     """``dataclasses.replace`` that drops fields this torch does not have (``usable``: 2.7+)."""
     cls = type(plan)
-    names = _fields(cls)  # type: ignore[arg-type]
-    changes = {k: v for k, v in changes.items() if k in names}
+    names = _PLAN_FIELDS.get(cls)
+    if names is None:
+        names = _fields(cls)  # type: ignore[arg-type]
+    if not names.issuperset(changes):
+        changes = {k: v for k, v in changes.items() if k in names}
     if _PLAN_BY_DICT.get(cls, False):  # 10x cheaper than dataclasses.replace (per rank, at 16k ranks)
         new = object.__new__(cls)
-        new.__dict__.update(plan.__dict__)
-        new.__dict__.update(changes)
+        d = new.__dict__
+        d.update(plan.__dict__)
+        d.update(changes)
         return new  # type: ignore[no-any-return]
     return dataclasses.replace(plan, **changes)
 

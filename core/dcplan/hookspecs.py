@@ -115,7 +115,9 @@ def dcplan_dedup(
 ) -> list[SavePlan] | None:
     """Apply the configured dedup strategy to the gathered local plans.
 
-    :param all_plans: one local plan per rank, in rank order. Must not be mutated.
+    :param all_plans: one local plan per rank, in rank order. Must not be mutated
+        (the planner passes copies of the item lists the ranks sent, so a
+        mutation cannot change what the ranks write).
     :param strategy: the :class:`dcplan.Strategy` config selected.
     :param options: the strategy's resolved options (defaults + config).
     :param config: the planner's resolved :class:`dcplan.Config`.
@@ -123,7 +125,8 @@ def dcplan_dedup(
         once per save by the planner (an implementation may leave it out of its
         signature).
     :returns: a new list with one plan per rank in which every item is written
-        by exactly one of its holders, or ``None`` to defer. The built-in calls
+        by exactly one of its holders, or ``None`` to defer. The planner sets
+        each returned plan's ``planner_data`` back to the rank's own mapping. The built-in calls
         ``strategy.func(all_plans, **options)``, adding ``index=index`` when the
         function declares an ``index`` parameter.
     :runs on: the coordinator only.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -13,6 +12,7 @@ from typing import Any
 from dcplan.compat import (
     SavePlan,
     WriteItem,
+    replace_plan,
 )
 from dcplan.save.local import _ITEMSIZE, item_nbytes
 
@@ -184,8 +184,17 @@ class PlanIndex:
 
         own = np.asarray(owner, dtype=np.int64)
         keep: list[list[int]] = [[] for _ in all_plans]
+        own_list: list[int] | None = None
+        bounds = self._bounds
         for rep, ranks in self._members.items():
-            seg = self._flat[self._bounds[rep] : self._bounds[rep + 1]]
+            lo_b, hi_b = bounds[rep], bounds[rep + 1]
+            if hi_b - lo_b <= 8 and len(ranks) == 1:  # a tiny plan of its own (many-rank layouts): no numpy
+                if own_list is None:
+                    own_list = own.tolist()
+                ids = self.ids[rep]
+                keep[rep] = [p for p, k in enumerate(ids) if own_list[k] == rep]
+                continue
+            seg = self._flat[lo_b:hi_b]
             if not len(seg):
                 continue
             who = own[seg]
@@ -199,7 +208,7 @@ class PlanIndex:
         out = []
         for plan, pos in zip(all_plans, keep):
             items = plan.items
-            out.append(dataclasses.replace(plan, items=list(map(items.__getitem__, pos))))
+            out.append(replace_plan(plan, items=list(map(items.__getitem__, pos))))
         return out
 
 

@@ -63,6 +63,25 @@ def rank_host(config: Config | None = None) -> str:
     return config.host or socket.gethostname()
 
 
+def _strategy_view(local_plans: list[SavePlan]) -> list[SavePlan]:
+    """The plans a strategy is given: the same items in lists of its own (one per distinct list).
+
+    The core keeps using the lists the ranks sent (the index, the verification
+    and the compact final plans are positions into them), so a strategy that
+    mutates ``all_plans`` despite the contract (sorts, pops, appends) cannot make
+    a rank write other items than the ones the coordinator verified.
+    """
+    copies: dict[int, list[WriteItem]] = {}  # (a map local to this call)
+    out = []
+    for plan in local_plans:
+        items = plan.items
+        mine = copies.get(id(items))
+        if mine is None:
+            mine = copies[id(items)] = list(items)
+        out.append(compat.replace_plan(plan, items=mine))
+    return out
+
+
 class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignore[misc]
     """Drop-in ``SavePlanner`` whose dedup strategy comes from config and plugins.
 
@@ -331,7 +350,7 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
             verify.check_consistency(index, local_plans)
         try:
             deduped = self.hook.dcplan_dedup(
-                all_plans=local_plans,
+                all_plans=_strategy_view(local_plans),
                 strategy=self.strategy,
                 options=self.strategy_options,
                 config=self.config,
@@ -357,6 +376,12 @@ class SavePlanner(HookedPlannerMixin, compat.DefaultSavePlanner):  # type: ignor
                 [f"strategy {self.strategy.name!r} returned {got} for {len(local_plans)} ranks "
                  "(a strategy must return a list with one SavePlan per rank)"]
             )
+        # the core owns each rank's flattening mapping: a strategy that builds new SavePlans (and drops
+        # or changes planner_data) must not cost the checkpoint its mapping
+        deduped = [
+            d if d.planner_data is lp.planner_data else compat.replace_plan(d, planner_data=lp.planner_data)
+            for d, lp in zip(deduped, local_plans)
+        ]
         if self.config.validate:  # step 4b: the strategy's output, before any byte is written
             verify.verify_dedup(index, deduped, self.strategy.name, self._strategy_distribution())
         global_plan, metadata = self.hook.dcplan_create_save_metadata(all_plans=deduped, config=self.config)

@@ -121,7 +121,7 @@ def _dec_wire(d: Any) -> wire.WirePlan | None:
     if d is None:
         return None
     return wire.WirePlan(
-        n=int(d["n"]), blob=base64.b64decode(d["blob"]), props=tuple(_dec_props(p) for p in d["props"])
+        n=int(d["n"]), blob=wire.check_blob(base64.b64decode(d["blob"])), props=tuple(_dec_props(p) for p in d["props"])
     )
 
 
@@ -141,7 +141,7 @@ def _dec_final(d: Any) -> SavePlan:
     if d is None:
         return SavePlan([])
     msg = wire.FinalMsg(
-        planner_data=None, n=int(d["n"]), blob=base64.b64decode(d["blob"]), extra=_dec_wire(d["extra"])
+        planner_data=None, n=int(d["n"]), blob=wire.check_blob(base64.b64decode(d["blob"])), extra=_dec_wire(d["extra"])
     )
     return SavePlan([], planner_data=msg)
 

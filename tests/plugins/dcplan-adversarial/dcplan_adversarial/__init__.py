@@ -139,6 +139,18 @@ def slow(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
     return out
 
 
+def mutate(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
+    """Sorts the item lists it was given in place (the contract says: do not mutate), then dedups."""
+    for plan in all_plans:
+        plan.items.sort(key=lambda it: it.index.fqn, reverse=True)
+    return _lowest(all_plans)
+
+
+def fresh(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
+    """Builds new SavePlans from the items alone: each rank's planner_data (its mapping) is lost."""
+    return [SavePlan(list(p.items)) for p in _lowest(all_plans)]
+
+
 STRATEGIES = {
     "adv_drop": (drop, "drops an item"),
     "adv_invent": (invent, "writes an item nobody holds"),
@@ -148,6 +160,8 @@ STRATEGIES = {
     "adv_dtype": (dtype, "writes an item with another dtype"),
     "adv_raising": (raising, "raises"),
     "adv_slow": (slow, "correct but quadratic"),
+    "adv_mutate": (mutate, "sorts the plans it was given in place (the core must still save correctly)"),
+    "adv_fresh": (fresh, "returns new plans without planner_data (the core keeps the mappings)"),
 }
 
 
