@@ -34,6 +34,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import hashlib
+import io
 import operator
 import pickle
 import struct
@@ -149,8 +150,8 @@ def _pack(columns: Sequence[Sequence[int] | bytes]) -> bytes:
     """Columns of non-negative ints (or bytes) in one ``bytes``; ``zlib`` when it pays.
 
     Small columns are pickled as a tuple of lists (``b"p"``; protocol 3, which
-    needs no global: :func:`_unpack` checks that only lists of ints and bytes
-    came back).
+    needs no global: :func:`_unpack` checks that only lists and bytes came back,
+    :func:`check_blob` also that the lists hold only ints).
     """
     if sum(map(len, columns)) <= _SMALL:
         return b"p" + pickle.dumps(tuple(c if isinstance(c, bytes) else list(c) for c in columns), protocol=3)
@@ -197,11 +198,17 @@ def _unpack_small(blob: bytes, k: int) -> list[Any]:
         raise PlanMismatchError(f"dcplan: a compact plan is damaged ({exc!r}); mixed dcplan versions?") from None
     if type(cols) is not tuple or len(cols) != k:
         raise PlanMismatchError("dcplan: a compact plan's columns do not match its data (mixed dcplan versions?)")
-    out = list(cols)
-    for c in out:  # (the values are checked where they are used; a file's blob by check_blob)
-        if type(c) is not list and type(c) is not bytes:
-            raise PlanMismatchError("dcplan: a compact plan holds something other than integer columns")
-    return out
+    # (the values are checked where they are used; a file's blob by check_blob)
+    if not _columns_ok(cols, values=False):
+        raise PlanMismatchError("dcplan: a compact plan holds something other than integer columns")
+    return list(cols)
+
+
+def _columns_ok(cols: tuple[Any, ...], values: bool) -> bool:
+    """Whether ``cols`` are bytes or lists (of ints only, with ``values``), as :func:`_pack` pickles them."""
+    return all(
+        type(c) is bytes or (type(c) is list and (not values or all(type(v) is int for v in c))) for c in cols
+    )
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -219,15 +226,11 @@ def check_blob(blob: bytes) -> bytes:
     crafted store file cannot run code.
     """
     if blob[:1] == b"p":
-        import io
-
         try:
             cols = _NoGlobals(io.BytesIO(blob[1:])).load()
         except Exception as exc:
             raise ValueError(f"a compact plan blob is damaged or unsafe: {exc}") from None
-        if type(cols) is not tuple or not all(
-            type(c) is bytes or (type(c) is list and all(type(v) is int for v in c)) for c in cols
-        ):
+        if type(cols) is not tuple or not _columns_ok(cols, values=True):
             raise ValueError("a compact plan blob holds something other than integer columns")
     elif blob[:1] not in (b"z", b"-"):
         raise ValueError("a compact plan blob of an unknown kind")
