@@ -308,3 +308,74 @@ def test_paused_gc_restores_the_collector_and_respects_frozen_objects():
         assert len(kept) == 1000
     finally:
         gc.unfreeze()
+
+
+@st.composite
+def _many_tensors(draw):
+    """Several tensors of ranks 1-3: grids, overlaps, out-of-bounds, zero-size and wrong-rank chunks."""
+    tensors = []
+    for _ in range(draw(st.integers(1, 6))):
+        dims = draw(st.integers(1, 3))
+        size = tuple(draw(st.integers(0 if dims > 1 else 1, 9)) for _ in range(dims))
+        chunks = []
+        wild = draw(st.integers(0, 3)) == 0  # out-of-bounds and negative values too
+        for _ in range(draw(st.integers(1, 10))):
+            if wild:
+                off = tuple(draw(st.integers(-1, max(s, 0))) for s in size)
+                sz = tuple(draw(st.integers(-1, max(s, 0) + 1)) for s in size)
+            else:  # in bounds: disjoint, overlapping, or not on one grid
+                off = tuple(draw(st.integers(0, max(s - 1, 0))) for s in size)
+                sz = tuple(draw(st.integers(0, max(s - o, 0))) for s, o in zip(size, off))
+            chunks.append((off, sz))
+        if draw(st.booleans()) and all(size):
+            chunks = _grid(size, tuple(draw(st.integers(1, 3)) for _ in size))
+            if draw(st.booleans()):
+                chunks.append(chunks[draw(st.integers(0, len(chunks) - 1))])
+        if draw(st.integers(0, 9)) == 0:
+            chunks.append(((0,) * (dims + 1), (1,) * (dims + 1)))  # a chunk of another rank
+        if draw(st.integers(0, 19)) == 0:
+            chunks.append(((2**70,) * dims, (1,) * dims))  # beyond int64
+        tensors.append((
+            [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(z)) for o, z in chunks], size
+        ))
+    return tensors
+
+
+@settings(max_examples=300, deadline=None)
+@given(_many_tensors(), st.sampled_from([1, 5, 12, 8192]))
+def test_batched_chunk_checks_agree_with_one_tensor_at_a_time(tensors, batch):
+    _check_batched(tensors, batch)
+
+
+def test_batched_chunk_checks_known_cases():
+    def t(size, chunks):
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(z)) for o, z in chunks], size
+
+    tensors = [
+        t((8,), [((0,), (4,)), ((4,), (4,))]),  # a grid: volume 8
+        t((8,), [((0,), (4,)), ((2,), (4,))]),  # overlapping, not on one grid: None (the sweep decides)
+        t((8,), [((0,), (4,)), ((0,), (4,))]),  # two chunks in one cell: None
+        t((8,), [((0,), (4,)), ((6,), (4,))]),  # out of bounds: None
+        t((4, 4), [((0, 0), (2, 4)), ((2, 0), (2, 4))]),  # 2-D grid: 16
+        t((4, 4), [((0, 0), (2, 4)), ((0, 0), (2, 4, 1))]),  # a chunk of another rank: None
+    ]
+    for batch in (1, 3, 8192):
+        got = _check_batched(tensors, batch)
+        assert got == [8, None, None, None, 16, None]
+
+
+def _check_batched(tensors, batch):
+    """The batched numpy check gives each tensor the per-tensor check's answer (volume or None).
+
+    A value beyond int64 sends the tensor to the exact check (``None``), which
+    handles Python ints of any size.
+    """
+    one_by_one = [validate_mod._one_fast_check(chunks, size) for chunks, size in tensors]
+    old = validate_mod._BATCH_CHUNKS
+    try:
+        validate_mod._BATCH_CHUNKS = batch  # small batches: tensors split over several numpy passes
+        got = validate_mod._fast_chunk_checks(tensors)
+    finally:
+        validate_mod._BATCH_CHUNKS = old
+    assert got == one_by_one
+    return got

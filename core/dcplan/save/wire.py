@@ -204,11 +204,14 @@ def _unpack_small(blob: bytes, k: int) -> list[Any]:
     return list(cols)
 
 
+_COLUMN_TYPES = frozenset({bytes, list})
+
+
 def _columns_ok(cols: tuple[Any, ...], values: bool) -> bool:
     """Whether ``cols`` are bytes or lists (of ints only, with ``values``), as :func:`_pack` pickles them."""
-    return all(
-        type(c) is bytes or (type(c) is list and (not values or all(type(v) is int for v in c))) for c in cols
-    )
+    if not all(map(_COLUMN_TYPES.__contains__, map(type, cols))):  # (C-level: once per rank's message)
+        return False
+    return not values or all(type(v) is int for c in cols if type(c) is list for v in c)
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -380,8 +383,15 @@ def _make_td(size: Any, offs: Any, sizes: Any, props: Any) -> Any:
     return TensorWriteData(chunk=ChunkStorageMetadata(offsets=offs, sizes=sizes), properties=props, size=size)
 
 
-def decode_items(wire: WirePlan) -> list[WriteItem]:
-    """The items :func:`encode_items` was given (equal, not the same objects)."""
+def decode_items(wire: WirePlan, memo: dict[Any, Any] | None = None) -> list[WriteItem]:
+    """The items :func:`encode_items` was given (equal, not the same objects).
+
+    :param memo: a dict shared by the calls of one decoding pass (the plans one
+        coordinator gathered): equal fqn strings and shapes are then one object
+        each across those plans (an FSDP save's ranks send the same names and
+        chunk shapes), which saves memory and makes key comparisons identity
+        checks. Only immutable values (``str``, ``torch.Size``) are shared.
+    """
     if not isinstance(wire, WirePlan) or wire.version != WIRE_VERSION:
         raise PlanMismatchError(
             "dcplan: a rank sent a plan in another wire format; install the same dcplan version on every rank"
@@ -390,13 +400,17 @@ def decode_items(wire: WirePlan) -> list[WriteItem]:
     names = names_b.decode("utf-8", "surrogatepass").split("\x00") if nnames else []
     if len(names) != nnames:
         raise PlanMismatchError("dcplan: a compact plan's fqn table is damaged")
+    if memo is None:
+        memo = {}
+    else:
+        names = list(map(memo.setdefault, names, names))  # one str object per name across the pass
     wtypes = list(map(_TYPES.__getitem__, wt_nos))
     hints: list[Any] = [None if h == 0 else h - 1 for h in hints_arr] if hints_arr else [None] * len(fids)
     nbytes = [n - 1 for n in nbytes1] if nbytes1 else nbytes1
     raw = dict(wire.raw) if wire.raw else {}
     props = wire.props
-    sizes_cache: dict[tuple[int, ...], torch.Size] = {}
-    zeros: dict[int, torch.Size] = {}
+    sizes_cache: dict[tuple[int, ...], torch.Size] = memo  # (tuple keys: shapes; str keys: names)
+    zeros: dict[int, torch.Size] = memo  # (int keys: all-zero offsets of that rank)
     out: list[WriteItem] = []
     append = out.append
     fast, new = _BY_DICT, object.__new__
@@ -416,6 +430,8 @@ def decode_items(wire: WirePlan) -> list[WriteItem]:
         nd = ndims[t]
         p = props[pids[t]]
         t += 1
+        # every shape is a torch.Size shared by the items of this call that have it (equal
+        # values, one object: cheaper to build, and less memory where many items share shapes)
         key = tuple(ints[ip : ip + nd])
         size = sizes_cache.get(key)
         if size is None:
@@ -427,9 +443,16 @@ def decode_items(wire: WirePlan) -> list[WriteItem]:
                 offs = zeros[nd] = torch.Size([0] * nd)
             sizes = size
         else:
-            offs = torch.Size(ints[ip : ip + nd])
-            sizes = torch.Size(ints[ip + nd : ip + 2 * nd])
-            ip += 2 * nd
+            key = tuple(ints[ip : ip + nd])
+            offs = sizes_cache.get(key)
+            if offs is None:
+                offs = sizes_cache[key] = torch.Size(key)
+            ip += nd
+            key = tuple(ints[ip : ip + nd])
+            sizes = sizes_cache.get(key)
+            if sizes is None:
+                sizes = sizes_cache[key] = torch.Size(key)
+            ip += nd
         if fast:  # the same objects _make_item/_make_td build, without the calls (hot loop)
             chunk = new(_CSM)
             d = chunk.__dict__
@@ -534,6 +557,7 @@ def _source(all_plans: Sequence[SavePlan], r: int, q: int) -> None:
 
 def _unpack_gathered(all_plans: Sequence[SavePlan], payload_cls: Any) -> list[SavePlan]:
     out: list[SavePlan] = []
+    memo: dict[Any, Any] = {}  # shared names and shapes (see decode_items)
     names = [f.name for f in attrs.fields(payload_cls)]
     at_mapping, at_agreement = names.index("mapping"), names.index("agreement")
     for r, plan in enumerate(all_plans):
@@ -558,7 +582,7 @@ def _unpack_gathered(all_plans: Sequence[SavePlan], payload_cls: Any) -> list[Sa
                 f"dcplan: rank {r} sent {'a stored-plan marker' if msg.stored else 'neither a plan nor a reference'}"
                 " while other ranks sent plans; use the same plan_cache_dir and process group on every rank"
             )
-        out.append(compat.replace_plan(plan, items=decode_items(msg.wire), planner_data=payload))
+        out.append(compat.replace_plan(plan, items=decode_items(msg.wire, memo), planner_data=payload))
     return out
 
 
