@@ -107,3 +107,30 @@ def test_gathered_refs_rebuild_full_view():
 
 def test_failed_rank_is_never_a_reference():
     assert exchange.refs_from([b"x", exchange.FAILED, b"x", exchange.FAILED]) == [None, None, 0, None]
+
+
+def test_tensor_properties_travel_by_name():
+    """Plain TensorProperties travel as a short name string; others as objects; unknown names are refused."""
+    import pytest
+
+    from dcplan.errors import PlanMismatchError
+
+    item = workloads.make("ddp", "1b", 2).plans[0].items[0]
+    enc = wire.encode_items([item])
+    assert all(type(p) is str for p in enc.props)
+    assert len(pickle.dumps(enc.props)) < 60  # the object pickles to about 165 bytes
+    assert wire.decode_items(pickle.loads(pickle.dumps(enc))) == [item]
+
+    class Odd(TensorProperties):  # not a plain TensorProperties: kept as itself
+        pass
+
+    odd = Odd(dtype=torch.float16)
+    assert wire.props_spec(odd) is odd and wire.props_object(odd) is odd
+    for spec in ("float99|strided|0|contiguous_format|0", "float32|strided|2|contiguous_format|0", "float32|strided"):
+        with pytest.raises(PlanMismatchError, match="tensor properties"):
+            wire.props_object(spec)
+    for dt in DTYPES + [torch.float8_e4m3fn, torch.complex64, torch.bool]:
+        for rg in (False, True):
+            p = TensorProperties(dtype=dt, requires_grad=rg, pin_memory=not rg)
+            back = wire.props_object(wire.props_spec(p))
+            assert back == p and back.dtype is dt

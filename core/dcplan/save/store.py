@@ -114,7 +114,7 @@ def _enc_wire(w: wire.WirePlan | None) -> Any:
         return None
     if w.raw:
         raise _NotStorable("an item the compact form keeps as an object")
-    return {"n": w.n, "blob": base64.b64encode(w.blob).decode(), "props": [_enc_props(p) for p in w.props]}
+    return {"n": w.n, "blob": base64.b64encode(w.blob).decode(), "props": [_enc_props(wire.props_object(p)) for p in w.props]}
 
 
 def _dec_wire(d: Any) -> wire.WirePlan | None:

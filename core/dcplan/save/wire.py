@@ -71,7 +71,7 @@ __all__ = [
     "WIRE_VERSION",
 ]
 
-WIRE_VERSION = 2  # 2: small columns pickled (b"p" blobs)
+WIRE_VERSION = 3  # 2: small columns pickled (b"p" blobs); 3: tensor properties by name
 
 # entry kinds
 _RAW, _BYTES, _WHOLE, _SHARD = 0, 1, 2, 3
@@ -91,13 +91,65 @@ else:  # pragma: no cover - torch < 2.8
     BytesIOWriteData = None  # type: ignore[assignment,misc]
 
 
+# ---------------------------------------------------------------- tensor properties by name
+def _named(kind: type) -> dict[str, Any]:
+    return {str(v).rsplit(".", 1)[-1]: v for v in vars(torch).values() if isinstance(v, kind)}
+
+
+_DTYPES, _LAYOUTS, _FORMATS = _named(torch.dtype), _named(torch.layout), _named(torch.memory_format)
+_NAME_OF: dict[Any, str] = {}
+for _table in (_DTYPES, _LAYOUTS, _FORMATS):
+    for _name, _v in sorted(_table.items()):  # (aliases: the first name in sorted order; any resolves back)
+        _NAME_OF.setdefault(_v, _name)
+_PROPS_FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+_PROPS_BY_NAME = tuple(f.name for f in dataclasses.fields(compat.TensorProperties)) == _PROPS_FIELDS
+
+
+def props_spec(p: Any) -> Any:
+    """``p`` as a short string when it is a plain ``TensorProperties`` (about 40 bytes on the wire
+    instead of 165), else ``p`` itself."""
+    if not _PROPS_BY_NAME or type(p) is not compat.TensorProperties:
+        return p
+    rg, pin = p.requires_grad, p.pin_memory
+    try:
+        names = (_NAME_OF[p.dtype], _NAME_OF[p.layout], _NAME_OF[p.memory_format])
+    except (KeyError, TypeError):
+        return p
+    if type(rg) is not bool or type(pin) is not bool:
+        return p
+    if _DTYPES.get(names[0]) is not p.dtype or _LAYOUTS.get(names[1]) is not p.layout or _FORMATS.get(names[2]) is not p.memory_format:
+        return p
+    return f"{names[0]}|{names[1]}|{int(rg)}|{names[2]}|{int(pin)}"
+
+
+def props_object(spec: Any) -> Any:
+    """The ``TensorProperties`` a :func:`props_spec` string names (objects pass through)."""
+    if type(spec) is not str:
+        return spec
+    parts = spec.split("|")
+    try:
+        dtype, layout, rg, fmt, pin = parts
+        if rg not in ("0", "1") or pin not in ("0", "1"):
+            raise KeyError(spec)
+        return compat.TensorProperties(
+            dtype=_DTYPES[dtype], layout=_LAYOUTS[layout], requires_grad=rg == "1",
+            memory_format=_FORMATS[fmt], pin_memory=pin == "1",
+        )
+    except (KeyError, ValueError):
+        raise PlanMismatchError(
+            f"dcplan: a compact plan names tensor properties this torch does not know ({spec!r}); "
+            "install the same torch version on every rank"
+        ) from None
+
+
 @attrs.frozen
 class WirePlan:
     """A list of ``WriteItem`` in columns (see the module docstring).
 
     :param n: number of items.
     :param blob: the columns (see :func:`encode_items`), packed by :func:`_pack`.
-    :param props: the distinct ``TensorProperties`` (the ``pid`` column indexes it).
+    :param props: the distinct ``TensorProperties`` (the ``pid`` column indexes it), each as
+        its :func:`props_spec` string where it has one.
     :param raw: ``(position, item)`` of items kept as themselves.
     """
 
@@ -322,7 +374,7 @@ def encode_items(items: Sequence[WriteItem]) -> WirePlan:
     names = "\x00".join(fqn_ids).encode("utf-8", "surrogatepass")
     hints = [h + 1 for h in hint] if any(h >= 0 for h in hint) else []
     blob = _pack([kind, wtype, fid, pid, ndim, hints, [n + 1 for n in nbytes], ints, names, [len(fqn_ids)]])
-    return WirePlan(n=len(items), blob=blob, props=tuple(props), raw=tuple(raw))
+    return WirePlan(n=len(items), blob=blob, props=tuple(map(props_spec, props)), raw=tuple(raw))
 
 
 def _by_dict_ok() -> bool:
@@ -383,6 +435,17 @@ def _make_td(size: Any, offs: Any, sizes: Any, props: Any) -> Any:
     return TensorWriteData(chunk=ChunkStorageMetadata(offsets=offs, sizes=sizes), properties=props, size=size)
 
 
+def _props(spec: Any, memo: dict[Any, Any] | None) -> Any:
+    """:func:`props_object`, once per spec string in a decoding pass when ``memo`` is shared."""
+    if memo is None or type(spec) is not str:
+        return props_object(spec)
+    key = ("props", spec)  # (no shape or name key is such a tuple)
+    p = memo.get(key)
+    if p is None:
+        p = memo[key] = props_object(spec)
+    return p
+
+
 def decode_items(wire: WirePlan, memo: dict[Any, Any] | None = None) -> list[WriteItem]:
     """The items :func:`encode_items` was given (equal, not the same objects).
 
@@ -408,7 +471,7 @@ def decode_items(wire: WirePlan, memo: dict[Any, Any] | None = None) -> list[Wri
     hints: list[Any] = [None if h == 0 else h - 1 for h in hints_arr] if hints_arr else [None] * len(fids)
     nbytes = [n - 1 for n in nbytes1] if nbytes1 else nbytes1
     raw = dict(wire.raw) if wire.raw else {}
-    props = wire.props
+    props = tuple(_props(p, memo) for p in wire.props)
     sizes_cache: dict[tuple[int, ...], torch.Size] = memo  # (tuple keys: shapes; str keys: names)
     zeros: dict[int, torch.Size] = memo  # (int keys: all-zero offsets of that rank)
     out: list[WriteItem] = []
