@@ -286,11 +286,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = t["coordinator_s"] / d["coordinator_s"] if "coordinator_s" in t else None
         sp = "" if ratio is None else f" ({ratio:.0f}x)" if ratio >= 10 else f" ({ratio:.2g}x)"
         bound = f" ({t['coordinator_s'] / d['floor_s']:.0f}x)" if "coordinator_s" in t and d["floor_s"] > 0 else ""
+        tsecs = f"{t['coordinator_s']:.3f} s" if "coordinator_s" in t else "-"
         lines.append(
             f"| {r['workload']} | {r['ranks']:,} | {r['entries']:,} | {r['distinct_plans']:,} "
             f"| {_fmt(t['gathered'], 'B')} / {_fmt(g, 'B')} ({g / max(1, r['entries']):.1f}) "
             f"| {_fmt(t.get('scattered'), 'B')} / {_fmt(d['scattered'], 'B')} "
-            f"| {t['coordinator_s'] if 'coordinator_s' in t else float('nan'):.3f} s / {d['coordinator_s']:.3f} s{sp} "
+            f"| {tsecs} / {d['coordinator_s']:.3f} s{sp} "
             f"| {d['floor_s']:.3f} s{bound} "
             f"| {d['rank_s'] * 1e3:.2f} ms "
             f"| {_fmt(t.get('peak_bytes'), 'B')} / {_fmt(d.get('peak_bytes'), 'B')} "
