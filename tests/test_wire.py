@@ -117,8 +117,11 @@ def test_tensor_properties_travel_by_name():
 
     item = workloads.make("ddp", "1b", 2).plans[0].items[0]
     enc = wire.encode_items([item])
-    assert all(type(p) is str for p in enc.props)
-    assert len(pickle.dumps(enc.props)) < 60  # the object pickles to about 165 bytes
+    if wire._PROPS_BY_NAME:
+        assert all(type(p) is str for p in enc.props)
+        assert len(pickle.dumps(enc.props)) < 60  # the object pickles to about 165 bytes
+    else:  # torch 2.15+: a sixth field (strides), kept as the object
+        assert compat.HAS_STRIDES and all(type(p) is TensorProperties for p in enc.props)
     assert wire.decode_items(pickle.loads(pickle.dumps(enc))) == [item]
 
     class Odd(TensorProperties):  # not a plain TensorProperties: kept as itself
