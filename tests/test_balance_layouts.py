@@ -347,3 +347,78 @@ def test_never_worse_than_twelve_lpt_variants_on_small_integer_layouts() -> None
 @pytest.mark.slow
 def test_never_worse_than_twelve_lpt_variants_on_small_integer_layouts_slow_tier() -> None:
     _check_small_integer_layouts(30_000, seed=1)
+
+
+# -- the portfolio's shortcuts give exactly what the plain passes give --------------------------------
+
+
+def _fit_scan(holders: list[tuple[int, ...]], order: list[int], sizes: list[int], load: list[int], target: int) -> list[int]:
+    """Best fit under ``target`` written as a plain scan: the fullest holder that fits, else the least
+    loaded; ties to the holder listed first."""
+    owner = [-1] * len(sizes)
+    for k in order:
+        hs = holders[k]
+        fit = [r for r in hs if load[r] + sizes[k] <= target]
+        r = max(fit, key=lambda r: (load[r], -hs.index(r))) if fit else min(hs, key=lambda r: (load[r], hs.index(r)))
+        owner[k] = r
+        load[r] += sizes[k]
+    return owner
+
+
+def test_target_fit_with_sorted_holder_sets_equals_a_plain_scan() -> None:
+    from dcplan_size_balanced.solver import _target_fit, group_ids
+
+    rng = random.Random(11)
+    for case in range(400):
+        world = rng.randint(2, 48)
+        ranks = list(range(world))
+        sets = []
+        for _ in range(rng.randint(1, 6)):  # wide and narrow sets, some overlapping, some unsorted
+            hs = rng.sample(ranks, rng.randint(1, world))
+            sets.append(tuple(hs if rng.random() < 0.3 else sorted(hs)))
+        n = rng.randint(1, 120)
+        holders = [rng.choice(sets) for _ in range(n)]
+        sizes = [rng.choice([0, 1, 2, 3, 5, 8, 100, 1000]) for _ in range(n)]
+        fixed = [rng.choice([0, 0, 1, 4, 50]) for _ in range(world)]
+        order = list(range(n))
+        rng.shuffle(order)
+        target = rng.randint(0, sum(sizes) // max(1, world // 2) + 10)
+        got, load = [-1] * n, list(fixed)
+        _target_fit(world, holders, order, sizes, load, got, target, group_ids(holders)[0])
+        ref_load = list(fixed)
+        assert got == _fit_scan(holders, order, sizes, ref_load, target), case
+        assert load == ref_load, case
+
+
+def test_repeated_greedy_passes_report_what_the_plain_passes_give() -> None:
+    """With every item replicated, LPT with fixed loads first is LPT: the solver runs each such pair
+    once. Every portfolio score must still equal the independent pass it names."""
+    from dcplan.save.report import _bound
+    from dcplan_size_balanced.solver import LPT_VARIANTS, solve
+
+    rng = random.Random(12)
+    checked = 0
+    for _ in range(600):
+        world = rng.randint(2, 7)
+        n = rng.randint(2, 16)
+        same = rng.random() < 0.5
+        holders = [
+            tuple(range(world)) if same else tuple(sorted(rng.sample(range(world), rng.randint(2, world))))
+            for _ in range(n)
+        ]
+        sizes = [rng.randint(1, rng.choice([3, 10, 100])) for _ in range(n)]
+        sol = solve(world, holders, sizes, lower_bound=_bound(world, holders, sizes)[0])
+        passes = {"lpt": ("first", "low", False), "lpt_fixed": ("first", "low", True), **LPT_VARIANTS}
+        for name, score in sol.candidates.items():
+            if name in passes:
+                order, tie, ff = passes[name]
+                assert score == _lpt_int(world, holders, sizes, ff, order, tie), (name, holders, sizes)
+                checked += 1
+        if "fewest_holders" in sol.candidates:
+            ref = sorted(range(n), key=lambda k: (len(holders[k]), -sizes[k], k))
+            load = [0] * world
+            for k in ref:
+                r = min(holders[k], key=lambda r: (load[r], r))
+                load[r] += sizes[k]
+            assert sol.candidates["fewest_holders"] == max(load)
+    assert checked > 500

@@ -47,16 +47,32 @@ def _bound(world_size: int, holders: Sequence[Sequence[int]], sizes: Sequence[in
     group_bytes: dict[tuple[int, ...], int] = {}
     group_max: dict[tuple[int, ...], int] = {}
     biggest = 0
+    # sums per holder-set object first (the index shares one tuple per set; hashing a tuple costs its
+    # length): a lookup local to this call, by the objects of ``holders``, alive throughout
+    obj_bytes: dict[int, int] = {}
+    obj_max: dict[int, int] = {}
+    obj_set: dict[int, Sequence[int]] = {}
     for hs, p in zip(holders, sizes):
         if p > biggest:
             biggest = p
         if len(hs) == 1:
             fixed[hs[0]] += p
         else:
-            hk = tuple(hs)
-            group_bytes[hk] = group_bytes.get(hk, 0) + p
-            if p > group_max.get(hk, -1):
-                group_max[hk] = p
+            o = id(hs)
+            had = obj_bytes.get(o)
+            if had is None:
+                obj_set[o] = hs
+                obj_bytes[o] = p
+                obj_max[o] = p
+            else:
+                obj_bytes[o] = had + p
+                if p > obj_max[o]:
+                    obj_max[o] = p
+    for o, hs in obj_set.items():
+        hk = tuple(hs)
+        group_bytes[hk] = group_bytes.get(hk, 0) + obj_bytes[o]
+        if obj_max[o] > group_max.get(hk, -1):
+            group_max[hk] = obj_max[o]
     lb, why = 0, "empty plan"
     for r, f in enumerate(fixed):
         if f > lb:

@@ -195,6 +195,10 @@ def _loads(fixed: Sequence[int], rep: Sequence[int], owner: Sequence[int], sizes
     return load
 
 
+#: holder sets at least this large get a sorted (load, position) list in :func:`_target_fit`
+SORTED_FIT_MIN = 8
+
+
 def _target_fit(
     world: int,
     holders: Sequence[Sequence[int]],
@@ -205,13 +209,37 @@ def _target_fit(
     target: int,
     gid: Sequence[int],
 ) -> None:
-    """Each item to the fullest holder it fits on under ``target`` (best fit), else the least-loaded."""
+    """Each item to the fullest holder it fits on under ``target`` (best fit), else the least-loaded.
+
+    Ties go to the holder listed first. A holder set of :data:`SORTED_FIT_MIN` ranks or more
+    whose ranks are in no other such set keeps its ``(load, position)`` pairs in a sorted list
+    (every change of a member's load updates it), so the choice is two bisections; the others
+    are scanned.
+    """
     loadn = np.asarray(load, dtype=np.int64)
     arrays: dict[int, np.ndarray] = {}
+    sorted_of: dict[int, list[tuple[int, int]] | None] = {}  # holder set -> its sorted pairs, or None
+    member: dict[int, tuple[list[tuple[int, int]], int]] = {}  # rank -> (its set's pairs, its position)
+    left, right, insort = bisect.bisect_left, bisect.bisect_right, bisect.insort
     for k in order:
         hs = holders[k]
         p = sizes[k]
-        if len(hs) <= 16:
+        g = gid[k]
+        pairs = sorted_of.get(g, ()) if len(hs) >= SORTED_FIT_MIN else None
+        if pairs == ():
+            pairs = None
+            if len(set(hs)) == len(hs) and not any(r in member for r in hs):
+                pairs = sorted((load[r], i) for i, r in enumerate(hs))
+                for i, r in enumerate(hs):
+                    member[r] = (pairs, i)
+            sorted_of[g] = pairs
+        if pairs is not None:
+            j = right(pairs, (target - p, len(hs)))
+            if j:  # the largest load that fits, its first holder
+                r = hs[pairs[left(pairs, (pairs[j - 1][0], -1))][1]]
+            else:
+                r = hs[pairs[0][1]]
+        elif len(hs) <= 16:
             best_r, best_l, low_r, low_l = -1, -1, -1, -1
             for r in hs:
                 lr = load[r]
@@ -221,7 +249,6 @@ def _target_fit(
                     low_r, low_l = r, lr
             r = best_r if best_r >= 0 else low_r
         else:
-            g = gid[k]
             arr = arrays.get(g)
             if arr is None:
                 arr = arrays[g] = np.asarray(hs, dtype=np.int64)
@@ -233,8 +260,14 @@ def _target_fit(
             else:
                 r = int(arr[int(np.argmin(ls))])
         owner[k] = r
-        load[r] += p
-        loadn[r] = load[r]
+        old = load[r]
+        load[r] = old + p
+        loadn[r] = old + p
+        m = member.get(r)
+        if m is not None:
+            mp, i = m
+            del mp[left(mp, (old, i))]
+            insort(mp, (old + p, i))
 
 
 def solve(
@@ -281,7 +314,23 @@ def solve(
 
     orders: dict[tuple[bool, str], list[int]] = {}
 
-    def _lpt_variant(name: str, order: str, tie: str, fixed_first: bool, stop_at: int) -> bool:
+    # greedy passes with identical inputs give identical owners: with no single-holder item, fixed
+    # loads first changes nothing (the same order from the same zero loads), so such a variant is
+    # run once and its outcome reused (exactly; a pass stopped at a load also stops at a lower one)
+    all_rep = len(rep) == n
+    passes: dict[tuple[bool, str, str], tuple[int, list[int] | None, int]] = {}
+
+    def _lpt_variant(name: str, order: str, tie: str, fixed_first: bool, stop_at: int) -> bool | None:
+        """Builds the variant; ``False``: it reached ``stop_at``; ``None``: the same pass was run before
+        (its candidate is added again under this name, and it cannot beat the result)."""
+        key = (fixed_first and not all_rep, order, tie)
+        seen = passes.get(key)
+        if seen is not None and stop_at <= seen[0]:
+            _, prev, top = seen
+            if prev is None or top >= stop_at:
+                return False
+            add(name, list(prev))
+            return None
         seq = orders.get((fixed_first, order))
         if seq is None:
             ks = np.asarray(rep if fixed_first else range(n), dtype=np.int64)
@@ -294,8 +343,10 @@ def solve(
         if fixed_first and max(load, default=0) >= stop_at:
             return False
         if not greedy(world, holders, seq, sizes, load, owner, tie == "torch", gid, high=tie == "high", stop_at=stop_at):
+            passes[key] = (stop_at, None, stop_at)
             return False  # it reached the result's busiest load: it cannot beat it
         add(name, owner)
+        passes[key] = (stop_at, owner, busiest(candidates[name][1]))
         return True
 
     if not rep:
@@ -307,14 +358,20 @@ def solve(
         greedy(world, holders, rep_by_size, sizes, list(fixed), owner, gid=gid)
         add("lpt_fixed", owner)
         fhf = sorted(rep_by_size, key=lambda k: len(holders[k]))  # stable: then largest, then first seen
-        owner = list(base_owner)
-        greedy(world, holders, fhf, sizes, list(fixed), owner, gid=gid)
-        add("fewest_holders", owner)
-        if best() > lower_bound:
-            by_size = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
+        if len({len(holders[k]) for k in rep}) == 1:  # one holder count: the same order as lpt_fixed
+            add("fewest_holders", list(owner))
+        else:
             owner = list(base_owner)
-            greedy(world, holders, by_size, sizes, [0] * world, owner, gid=gid)
-            add("lpt", owner)
+            greedy(world, holders, fhf, sizes, list(fixed), owner, gid=gid)
+            add("fewest_holders", owner)
+        if best() > lower_bound:
+            if all_rep:  # no fixed load: lpt is lpt_fixed (the same order from zero loads)
+                add("lpt", list(candidates["lpt_fixed"][0]))
+            else:
+                by_size = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
+                owner = list(base_owner)
+                greedy(world, holders, by_size, sizes, [0] * world, owner, gid=gid)
+                add("lpt", owner)
         if best() > lower_bound:
             owner = list(base_owner)
             _target_fit(world, holders, fhf, sizes, list(fixed), owner, lower_bound, gid)
@@ -325,7 +382,7 @@ def solve(
     if rep and result.busiest > lower_bound + lower_bound // VARIANT_SLACK:
         # an LPT variant cannot go below the bound: past 0.1 % above it, try them one by one
         for name, (order, tie, ff) in LPT_VARIANTS.items():
-            if _lpt_variant(name, order, tie, ff, result.busiest):
+            if _lpt_variant(name, order, tie, ff, result.busiest):  # (None: a repeated pass, searched before)
                 alt = _search({name: candidates[name]}, world, holders, sizes, rep, lower_bound, steps, shape)
                 if alt.busiest < result.busiest:
                     result = alt
