@@ -31,6 +31,13 @@ improves it by moves and swaps off the busiest rank:
    they keep the result at or below every such LPT (0 losses in 60,000
    layouts against 12 variants; 8 losses without them).
 
+Passes whose inputs are provably identical run once (the result is the same
+as running each): with no single-holder item, "fixed loads first" starts from
+the same zero loads in the same order, so ``lpt_fixed`` is ``lpt`` and each
+``lpt_fixed_*`` variant is its ``lpt_*`` twin; with one holder count,
+``fewest_holders`` orders items as ``lpt_fixed`` does. HSDP and DDP layouts are
+both cases.
+
 The local search then repeats: take the busiest rank ``b`` (ties: lowest);
 move one of its items to another holder, or swap one of its items with a
 smaller item of another rank, choosing the exchange that leaves both ranks

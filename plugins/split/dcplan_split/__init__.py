@@ -61,7 +61,15 @@ from typing import Any
 import torch
 
 import dcplan
-from dcplan.compat import ChunkStorageMetadata, MetadataIndex, SavePlan, WriteItem, WriteItemType, replace_plan
+from dcplan.compat import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+    replace_plan,
+)
 from dcplan.gcpause import paused_gc
 from dcplan.save.divisible import DivisibleFlow, divisible_flow, group_items
 from dcplan.save.index import PlanIndex, index_plans
@@ -158,14 +166,21 @@ class _Cut:
     nbytes: int
     #: byte strides of the dimensions from the split one on (coarsest first): row, sub-row, ..., element
     strides: tuple[int, ...]
+    #: :meth:`boxes` results of this pour, by range (the same ranges are asked for up to three times)
+    seen: dict[tuple[int, int], list[tuple[tuple[int, ...], tuple[int, ...]]]] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def row(self) -> int:
         return self.strides[0]
 
     def boxes(self, lo: int, hi: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """Rectangles of the element range ``[lo, hi)``."""
-        return flat_range_boxes(self.shape, lo, hi)
+        """Rectangles of the element range ``[lo, hi)`` (a list the caller must not change)."""
+        out = self.seen.get((lo, hi))
+        if out is None:
+            out = self.seen[lo, hi] = flat_range_boxes(self.shape, lo, hi)
+        return out
 
     def cut_ok(self, c: int, min_bytes: int) -> bool:
         """Whether a cut at byte ``c`` leaves no rectangle under ``min_bytes`` inside its row."""
@@ -249,12 +264,30 @@ def _piece(item: WriteItem, rel: Sequence[int], sizes: Sequence[int]) -> WriteIt
     assert td is not None and td.chunk is not None
     off = torch.Size([o + d for o, d in zip(td.chunk.offsets, rel)])
     chunk = ChunkStorageMetadata(offsets=off, sizes=torch.Size(sizes))
+    if type(item) is WriteItem and type(td) is TensorWriteData:  # the constructors: cheaper than replace
+        return WriteItem(
+            index=MetadataIndex(fqn=item.index.fqn, offset=off),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(chunk=chunk, properties=td.properties, size=td.size),
+        )
     return dataclasses.replace(
         item,
         index=MetadataIndex(fqn=item.index.fqn, offset=off),
         type=WriteItemType.SHARD,
         tensor_data=dataclasses.replace(td, chunk=chunk),
     )
+
+
+#: a split item as :func:`_pour` leaves it: the item, its cut info and its ``[rank, lo, hi]`` slices
+_Slices = tuple[WriteItem, _Cut, list[list[int]]]
+
+
+def _materialize(raw: dict[int, _Slices]) -> dict[int, list[tuple[int, WriteItem]]]:
+    """Per split key, its ``(rank, slice item)`` list: one item per rectangle of each slice."""
+    return {
+        k: [(r, _piece(item, off, sz)) for r, a, b in cur for off, sz in info.boxes(a, b)]
+        for k, (item, info, cur) in raw.items()
+    }
 
 
 def split_pieces(
@@ -272,22 +305,25 @@ def split_pieces(
     flow = divisible_flow(fixed, group_bytes, start=start)
     if flow is None:  # past the edge budget: per replica group water levels (module doc, fallback)
         floor = DEFAULT_MIN_SLICE_BYTES if min_slice_bytes == "auto" else int(min_slice_bytes)
-        return _water_pieces(idx, floor, max_slices)
+        owner, raw = _water_pieces(idx, floor, max_slices)
+        return owner, _materialize(raw)
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, hs in enumerate(idx.holders):
         if len(hs) > 1:
             groups.setdefault(tuple(hs), []).append(k)
     if min_slice_bytes != "auto":
-        return _quota_pieces(idx, fixed, groups, flow, int(min_slice_bytes), max_slices)[:2]
+        owner, raw, _ = _quota_pieces(idx, fixed, groups, flow, int(min_slice_bytes), max_slices)
+        return owner, _materialize(raw)
     target = flow.bound * (1 + AUTO_FRACTION)
     floor = DEFAULT_MIN_SLICE_BYTES
-    best: tuple[list[int], dict[int, list[tuple[int, WriteItem]]], int] | None = None
+    best: tuple[list[int], dict[int, _Slices], int] | None = None
+    cut_infos: dict[int, _Cut] = {}
     while True:
-        got = _quota_pieces(idx, fixed, groups, flow, floor, max_slices)
+        got = _quota_pieces(idx, fixed, groups, flow, floor, max_slices, cut_infos)
         if best is None or got[2] < best[2]:
             best = got
         if best[2] <= target or floor <= 1:
-            return best[0], best[1]
+            return best[0], _materialize(best[1])
         # retry with smaller slices: the overshoot is about one slice floor per rank and replica group
         floor = max(1, min(floor // 8, int(AUTO_FRACTION * flow.bound / 2)))
 
@@ -299,8 +335,11 @@ def _quota_pieces(
     flow: DivisibleFlow,
     min_bytes: int,
     max_slices: int,
-) -> tuple[list[int], dict[int, list[tuple[int, WriteItem]]], int]:
-    """Pieces that follow the exact divisible flow's quotas; the third value is the busiest rank's bytes."""
+    cut_infos: dict[int, _Cut] | None = None,
+) -> tuple[list[int], dict[int, _Slices], int]:
+    """Pieces that follow the exact divisible flow's quotas; the third value is the busiest rank's bytes.
+
+    ``cut_infos``: the items' cut infos by key, shared by the attempts of one :func:`split_pieces` call."""
     nb = idx.nbytes
     owner = [h[0] for h in idx.holders]
     threshold = 2 * min_bytes
@@ -334,12 +373,12 @@ def _quota_pieces(
     big_bytes = {g: sum(nb[k] for k, _ in big) for g, big in big_of.items()}
     flow2 = divisible_flow(load, big_bytes, start=flow.bound)
     assert flow2 is not None  # a sub-graph of a graph within the budget
-    pieces_of: dict[int, list[tuple[int, WriteItem]]] = {}
+    pieces_of: dict[int, _Slices] = {}
     for g, q in zip(flow2.groups, flow2.quotas):
         # 3. pour the large items over the holders in rank order, each up to its quota (McNaughton)
         ranks = [r for r in g if q.get(r, 0) > 0]
         bounds = list(itertools.accumulate(q[r] for r in ranks))
-        _pour(idx, big_of[g], ranks, bounds, min_bytes, max_slices, owner, load, pieces_of, _slack(flow.bound))
+        _pour(idx, big_of[g], ranks, bounds, min_bytes, max_slices, owner, load, pieces_of, _slack(flow.bound), cut_infos)
     return owner, pieces_of, max(load, default=0)
 
 
@@ -352,8 +391,9 @@ def _pour(
     max_slices: int,
     owner: list[int],
     load: list[int],
-    pieces_of: dict[int, list[tuple[int, WriteItem]]],
+    pieces_of: dict[int, _Slices],
     slack: int,
+    cut_infos: dict[int, _Cut] | None = None,
 ) -> None:
     """Cut ``big`` items (largest first, concatenated) so that rank ``g[j]`` writes about
     ``bounds[j] - bounds[j - 1]`` bytes (McNaughton's wrap-around rule).
@@ -368,22 +408,42 @@ def _pour(
     back to row cuts.
     """
     nb = idx.nbytes
-    infos = [_cut_info(idx.first[k], dim, nb[k]) for k, dim in big]
+    if cut_infos is None:
+        cut_infos = {}
+    infos = []
+    for k, dim in big:  # (an item's cut info does not depend on the slice floor: shared by attempts)
+        info = cut_infos.get(k)
+        if info is None:
+            info = cut_infos[k] = _cut_info(idx.first[k], dim, nb[k])
+        infos.append(info)
     starts = [0, *itertools.accumulate(nb[k] for k, _ in big)]
     total = starts[-1]
     quota = [b - a for a, b in zip([0, *bounds[:-1]], bounds)]
     last = len(g) - 1
 
+    rows = [info.row for info in infos]
+    n_big = len(big)
+
     def cuts_for(allow: int, sl: int) -> list[int]:
         out = []
         prev = 0
         i = 0
+        rows_only = sl >= total  # (then _Cut.cut is the row boundary at or before x: inlined)
         for j in range(last):
-            x = min(total, prev + quota[j] + allow)
-            while i + 1 < len(big) and starts[i + 1] <= x:
+            x = prev + quota[j] + allow
+            if x > total:
+                x = total
+            while i + 1 < n_big and starts[i + 1] <= x:
                 i += 1
-            c = starts[i] + infos[i].cut(x - starts[i], sl, min_bytes) if x < starts[i + 1] else starts[i + 1]
-            prev = max(prev, c)
+            s0, s1 = starts[i], starts[i + 1]
+            if x >= s1:
+                c = s1
+            elif rows_only:
+                c = s0 + (x - s0) // rows[i] * rows[i]
+            else:
+                c = s0 + infos[i].cut(x - s0, sl, min_bytes)
+            if c > prev:
+                prev = c
             out.append(prev)
         return out
 
@@ -433,12 +493,12 @@ def _pour(
             owner[k] = cur[0][0]
             continue
         owner[k] = -1
-        pieces_of[k] = [(r, _piece(item, off, sz)) for r, a, b in cur for off, sz in info.boxes(a, b)]
+        pieces_of[k] = (item, info, cur)  # slice items are built for the attempt that is kept
 
 
 def _water_pieces(
     idx: PlanIndex, floor: int, max_slices: int
-) -> tuple[list[int], dict[int, list[tuple[int, WriteItem]]]]:
+) -> tuple[list[int], dict[int, _Slices]]:
     """The fallback past the flow's edge budget: per replica group (fewest holders first), whole
     items to the least-loaded holder, then the large ones poured up to the group's water level."""
     holders = idx.holders
@@ -449,7 +509,7 @@ def _water_pieces(
     for k, hs in enumerate(holders):
         if len(hs) > 1:
             groups.setdefault(tuple(hs), []).append(k)
-    pieces_of: dict[int, list[tuple[int, WriteItem]]] = {}
+    pieces_of: dict[int, _Slices] = {}
     for g in sorted(groups, key=lambda t: (len(t), t)):
         ks = groups[g]
         threshold = 2 * floor
