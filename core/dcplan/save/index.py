@@ -77,7 +77,8 @@ class PlanIndex:
     """
 
     __slots__ = (
-        "world_size", "keys", "first", "holders", "ids", "lookup", "hosts", "_nbytes", "_members", "_flat", "_bounds"
+        "world_size", "keys", "first", "holders", "ids", "lookup", "hosts", "_nbytes", "_members", "_flat", "_bounds",
+        "_lower",
     )
 
     def __init__(
@@ -147,12 +148,25 @@ class PlanIndex:
             self._members.setdefault(rep, []).append(rank)
         self.holders, self._flat, self._bounds = _holders(all_ids, self._members, len(keys))
         self._nbytes: list[int] | None = None
+        self._lower: tuple[int, str, int] | None = None
 
     @property
     def nbytes(self) -> list[int]:
         if self._nbytes is None:
             self._nbytes = nbytes_list(self.first)
         return self._nbytes
+
+    def lower_bound(self) -> tuple[int, str, int]:
+        """The busiest-rank lower bound of these plans, which term set it, and the divisible bound.
+
+        :func:`dcplan.save.report._bound` on ``(world_size, holders, nbytes)``, computed once per
+        index (the strategy and the plan report both need it).
+        """
+        if self._lower is None:
+            from dcplan.save.report import _bound
+
+            self._lower = _bound(self.world_size, self.holders, self.nbytes)
+        return self._lower
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -263,7 +263,10 @@ def build_report(
     per_rank = [sum(nbytes_list(p.items)) for p in global_plan]
     items = [len(p.items) for p in global_plan]
     idx = index if index is not None else index_plans(local_plans)
-    lb, why, div = _bound(max(world, idx.world_size), idx.holders, idx.nbytes)
+    if world <= idx.world_size and hasattr(idx, "lower_bound"):
+        lb, why, div = idx.lower_bound()
+    else:
+        lb, why, div = _bound(max(world, idx.world_size), idx.holders, idx.nbytes)
     busiest = min(range(world), key=lambda r: (-per_rank[r], r)) if world else 0
     top = per_rank[busiest] if world else 0
     ratio = (top / lb) if lb else 1.0

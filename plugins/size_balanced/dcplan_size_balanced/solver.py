@@ -232,14 +232,16 @@ def _target_fit(
         hs = holders[k]
         p = sizes[k]
         g = gid[k]
-        pairs = sorted_of.get(g, ()) if len(hs) >= SORTED_FIT_MIN else None
-        if pairs == ():
-            pairs = None
-            if len(set(hs)) == len(hs) and not any(r in member for r in hs):
-                pairs = sorted((load[r], i) for i, r in enumerate(hs))
-                for i, r in enumerate(hs):
-                    member[r] = (pairs, i)
-            sorted_of[g] = pairs
+        pairs: list[tuple[int, int]] | None = None
+        if len(hs) >= SORTED_FIT_MIN:
+            if g in sorted_of:
+                pairs = sorted_of[g]
+            else:
+                if len(set(hs)) == len(hs) and not any(r in member for r in hs):
+                    pairs = sorted((load[r], i) for i, r in enumerate(hs))
+                    for i, r in enumerate(hs):
+                        member[r] = (pairs, i)
+                sorted_of[g] = pairs
         if pairs is not None:
             j = right(pairs, (target - p, len(hs)))
             if j:  # the largest load that fits, its first holder
