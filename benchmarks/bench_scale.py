@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gloo", type=int, default=0, help="also run a real N-rank gloo save")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    # warm-up, not recorded: the first coordinator step of a process pays for lazy imports (about 10 ms),
+    # which would otherwise land on whichever row comes first
+    bench("single", "-", 8, False, not args.no_torch)
     rows = []
     for layout, model, world in QUICK if args.quick else CURVE:
         if args.only and args.only not in f"{layout} {model} {world}":
