@@ -7,7 +7,8 @@
    strategy picks one writer per item (a plugin); the strategy's output is verified (after dedup).
 5. :mod:`dcplan.save.metadata` — coordinator: the checkpoint's metadata and index hints.
 6. :mod:`dcplan.save.validate` — coordinator: the global plan is complete and consistent.
-7. :mod:`dcplan.save.report` — coordinator: bytes per rank against a lower bound.
+7. :mod:`dcplan.save.report` — coordinator: bytes per rank against a lower bound
+   (:mod:`dcplan.save.bound`, also used by strategies through the index).
 8. scatter and finish — torch scatters the final plans; :mod:`dcplan.save.cache` may reuse them.
 9. write — every rank writes what its final plan names (:meth:`dcplan.SavePlanner.resolve_data`).
 

@@ -14,6 +14,7 @@ from dcplan.compat import (
     WriteItem,
     replace_plan,
 )
+from dcplan.save.bound import _bound
 from dcplan.save.local import _ITEMSIZE, item_nbytes
 
 log = logging.getLogger("dcplan")
@@ -159,12 +160,10 @@ class PlanIndex:
     def lower_bound(self) -> tuple[int, str, int]:
         """The busiest-rank lower bound of these plans, which term set it, and the divisible bound.
 
-        :func:`dcplan.save.report._bound` on ``(world_size, holders, nbytes)``, computed once per
+        :func:`dcplan.save.bound._bound` on ``(world_size, holders, nbytes)``, computed once per
         index (the strategy and the plan report both need it).
         """
         if self._lower is None:
-            from dcplan.save.report import _bound
-
             self._lower = _bound(self.world_size, self.holders, self.nbytes)
         return self._lower
 

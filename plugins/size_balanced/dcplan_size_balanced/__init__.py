@@ -33,8 +33,9 @@ from typing import Any
 import dcplan
 from dcplan.compat import SavePlan, WriteItem
 from dcplan.gcpause import paused_gc
+from dcplan.save.bound import _bound
 from dcplan.save.index import PlanIndex, index_plans
-from dcplan.save.report import _bound, node_of_ranks
+from dcplan.save.report import node_of_ranks
 from dcplan_size_balanced.solver import Solution, greedy, solve
 
 __all__ = ["balanced", "torch_parity", "size_balanced", "MODES"]
