@@ -31,7 +31,7 @@ import attrs
 
 from dcplan.compat import SavePlan
 from dcplan.fmt import fmt_bytes
-from dcplan.save.bound import _SUBSET_BUDGET, _bound  # noqa: F401 - re-exported (plugins import them here)
+from dcplan.save.bound import _bound  # (also re-exported: plugins and tests import it from here)
 from dcplan.save.index import PlanIndex, index_plans, nbytes_list
 
 log = logging.getLogger("dcplan")
@@ -177,7 +177,7 @@ def build_report(
     per_rank = [sum(nbytes_list(p.items)) for p in global_plan]
     items = [len(p.items) for p in global_plan]
     idx = index if index is not None else index_plans(local_plans)
-    if world <= idx.world_size and hasattr(idx, "lower_bound"):
+    if world <= idx.world_size:  # (the bound of the index's own world: computed once per index)
         lb, why, div = idx.lower_bound()
     else:
         lb, why, div = _bound(max(world, idx.world_size), idx.holders, idx.nbytes)

@@ -77,7 +77,7 @@ def balanced_owners(idx: PlanIndex) -> list[int]:
 
 def balanced_solution(idx: PlanIndex) -> Solution:
     """The full :class:`~dcplan_size_balanced.solver.Solution` of the ``balanced`` mode on ``idx``."""
-    lb = idx.lower_bound()[0] if hasattr(idx, "lower_bound") else _bound(idx.world_size, idx.holders, idx.nbytes)[0]
+    lb = idx.lower_bound()[0]
     return solve(
         idx.world_size, idx.holders, idx.nbytes, lower_bound=lb, torch_weights=lambda: torch_weights(idx.first)
     )

@@ -324,22 +324,18 @@ def solve(
     orders: dict[tuple[bool, str], list[int]] = {}
 
     # greedy passes with identical inputs give identical owners: with no single-holder item, fixed
-    # loads first changes nothing (the same order from the same zero loads), so such a variant is
-    # run once and its outcome reused (exactly; a pass stopped at a load also stops at a lower one)
+    # loads first changes nothing (the same order from the same zero loads). The twin of a variant
+    # already run would return False: either that pass reached a stop at least as high as today's
+    # (the result only gets lighter), or it finished below the result, and then its local search
+    # (which never raises the busiest load) made the result at most as heavy as that pass.
     all_rep = len(rep) == n
-    passes: dict[tuple[bool, str, str], tuple[int, list[int] | None, int]] = {}
+    passes: set[tuple[bool, str, str]] = set()
 
-    def _lpt_variant(name: str, order: str, tie: str, fixed_first: bool, stop_at: int) -> bool | None:
-        """Builds the variant; ``False``: it reached ``stop_at``; ``None``: the same pass was run before
-        (its candidate is added again under this name, and it cannot beat the result)."""
+    def _lpt_variant(name: str, order: str, tie: str, fixed_first: bool, stop_at: int) -> bool:
         key = (fixed_first and not all_rep, order, tie)
-        seen = passes.get(key)
-        if seen is not None and stop_at <= seen[0]:
-            _, prev, top = seen
-            if prev is None or top >= stop_at:
-                return False
-            add(name, list(prev))
-            return None
+        if key in passes:
+            return False
+        passes.add(key)
         seq = orders.get((fixed_first, order))
         if seq is None:
             ks = np.asarray(rep if fixed_first else range(n), dtype=np.int64)
@@ -352,10 +348,8 @@ def solve(
         if fixed_first and max(load, default=0) >= stop_at:
             return False
         if not greedy(world, holders, seq, sizes, load, owner, tie == "torch", gid, high=tie == "high", stop_at=stop_at):
-            passes[key] = (stop_at, None, stop_at)
             return False  # it reached the result's busiest load: it cannot beat it
         add(name, owner)
-        passes[key] = (stop_at, owner, busiest(candidates[name][1]))
         return True
 
     if not rep:
@@ -391,7 +385,7 @@ def solve(
     if rep and result.busiest > lower_bound + lower_bound // VARIANT_SLACK:
         # an LPT variant cannot go below the bound: past 0.1 % above it, try them one by one
         for name, (order, tie, ff) in LPT_VARIANTS.items():
-            if _lpt_variant(name, order, tie, ff, result.busiest):  # (None: a repeated pass, searched before)
+            if _lpt_variant(name, order, tie, ff, result.busiest):
                 alt = _search({name: candidates[name]}, world, holders, sizes, rep, lower_bound, steps, shape)
                 if alt.busiest < result.busiest:
                     result = alt
